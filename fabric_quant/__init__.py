@@ -1,0 +1,21 @@
+"""fabric-quant: quantization for Lightning Fabric that runs on CPU and CUDA."""
+
+from fabric_quant.checkpoint import dequantized_state_dict, load_quantized, save_dequantized, save_quantized
+from fabric_quant.footprint import Footprint, footprint
+from fabric_quant.plugins import BnbPrecision
+from fabric_quant.registry import available_modes, mode_spec, precision_plugin, register_mode
+
+__all__ = [
+    "BnbPrecision",
+    "Footprint",
+    "available_modes",
+    "dequantized_state_dict",
+    "footprint",
+    "load_quantized",
+    "mode_spec",
+    "precision_plugin",
+    "register_mode",
+    "save_dequantized",
+    "save_quantized",
+]
+__version__ = "0.1.0"

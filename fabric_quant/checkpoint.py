@@ -1,0 +1,102 @@
+"""Quantized and dequantized checkpoints in safetensors: atomic writes, loads that never unpickle."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from lightning.fabric.wrappers import _unwrap_objects
+from safetensors import safe_open
+from safetensors.torch import load_file, save
+
+from fabric_quant.layers.base import quantized_layers
+
+FORMAT = "fabric_quant/1"
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` via a temporary file in the same folder and ``os.replace``: readers see
+    either the old file or the complete new one, never a partial write."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors that share memory (tied weights): give each key its own copy where needed."""
+    out, seen = {}, set()
+    for key, value in state_dict.items():
+        value = value.detach()
+        ptr = value.untyped_storage().data_ptr()
+        out[key] = value.clone().contiguous() if ptr in seen else value.contiguous()
+        seen.add(ptr)
+    return out
+
+
+def _layer_modes(model: torch.nn.Module) -> dict[str, str]:
+    return {name: layer.fq_mode for name, layer in quantized_layers(model)}
+
+
+def save_quantized(model: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
+    """Save the quantized model's state (packed weights and quantization statistics) to a safetensors file."""
+    model = _unwrap_objects(model)
+    meta = {"format": FORMAT, "layer_modes": json.dumps(_layer_modes(model)), **(metadata or {})}
+    return atomic_write_bytes(path, save(_tensors(model.state_dict()), metadata=meta))
+
+
+def load_quantized(model: torch.nn.Module, path: str | Path, strict: bool = True) -> torch.nn.Module:
+    """Load a file written by :func:`save_quantized` into a model quantized with the same modes."""
+    model = _unwrap_objects(model)
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{path} is not a fabric_quant quantized checkpoint (format={meta.get('format')!r})")
+    saved, mine = json.loads(meta["layer_modes"]), _layer_modes(model)
+    if saved != mine:
+        diff = sorted(k for k in saved.keys() | mine.keys() if saved.get(k) != mine.get(k))
+        shown = {k: (saved.get(k), mine.get(k)) for k in diff[:5]}
+        raise ValueError(f"{path} was saved from other quantization modes; (checkpoint, model) per layer: {shown}")
+    device = next((t.device for t in model.state_dict().values() if t.device.type != "meta"), torch.device("cpu"))
+    model.load_state_dict(load_file(str(path), device=str(device)), strict=strict)
+    return model
+
+
+def _is_quantized_weight_key(key: str, layers: dict) -> bool:
+    """True for a quantized layer's packed weight and its statistics (``weight``, ``weight.absmax``, ``SCB``...)."""
+    parts = key.split(".")
+    return any(".".join(parts[:i]) in layers and parts[i] in _WEIGHT_KEYS for i in range(len(parts)))
+
+
+_WEIGHT_KEYS = ("weight", "SCB", "weight_format")
+
+
+def dequantized_state_dict(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """A plain ``torch.nn`` state dict: quantized weights dequantized, every float tensor in ``dtype``."""
+    model = _unwrap_objects(model)
+    layers = dict(quantized_layers(model))
+    state = {
+        key: value.detach().to(dtype) if value.is_floating_point() else value.detach()
+        for key, value in model.state_dict().items()
+        if not _is_quantized_weight_key(key, layers)
+    }
+    for name, layer in layers.items():
+        state[f"{name}.weight" if name else "weight"] = layer.dequantized_weight().to(dtype)
+    return state
+
+
+def save_dequantized(model: torch.nn.Module, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
+    """Save :func:`dequantized_state_dict` as safetensors, loadable by the original float model."""
+    return atomic_write_bytes(path, save(_tensors(dequantized_state_dict(model, dtype)), metadata={"format": "pt"}))

@@ -1,0 +1,51 @@
+"""The interface every quantized layer of the package implements.
+
+Footprint accounting, dequantized export and checkpoint code talk to layers only through this
+interface, so a new scheme adds a layer class and never touches those modules.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How many bytes a quantized weight takes, split the way QLoRA accounts for it."""
+
+    numel: int
+    """Logical number of weight elements (out_features * in_features)."""
+    per_weight_bytes: int
+    """Packed codes plus the per-block / per-row constants that scale with the weight's size."""
+    table_bytes: int
+    """Fixed-size lookup tables (the NF4/FP4 code book, the double-quant code book): a constant per layer."""
+
+
+class QuantizedLinear:
+    """Mixin for Linear layers whose weight is stored quantized."""
+
+    fq_mode: str = ""
+
+    def is_quantized(self) -> bool:
+        raise NotImplementedError
+
+    def quantize_(self, weight: torch.Tensor | None = None, device: torch.device | None = None) -> None:
+        """Quantize ``weight`` (default: the layer's current float weight) in place on ``device``."""
+        raise NotImplementedError
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight as a float32 tensor of shape (out_features, in_features)."""
+        raise NotImplementedError
+
+    def weight_storage(self) -> Storage | None:
+        """Storage of the quantized weight, or None when the weight is kept in float (e.g. int8-training)."""
+        raise NotImplementedError
+
+
+def quantized_layers(module: torch.nn.Module) -> Iterator[tuple[str, QuantizedLinear]]:
+    for name, child in module.named_modules():
+        if isinstance(child, QuantizedLinear):
+            yield name, child

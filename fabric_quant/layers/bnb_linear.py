@@ -1,0 +1,291 @@
+"""bitsandbytes Linear layers that quantize on any device (CPU included) and reload their own checkpoints.
+
+The classes subclass bitsandbytes' own ``Linear4bit`` / ``Linear8bitLt`` so their kernels and autograd run
+unchanged. What is added here is what Lightning's wrappers hard-wire to CUDA or leave out: quantizing on
+the device the weight lives on, quantize-on-load of float checkpoints, bit-exact reload of quantized
+checkpoints, and dequantization for export. Importing this module imports bitsandbytes.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from fabric_quant._bnb import import_bitsandbytes
+from fabric_quant.layers.base import QuantizedLinear, Storage
+
+bnb = import_bitsandbytes()
+from bitsandbytes.functional import dequantize_4bit  # noqa: E402
+
+
+def _resolve_device(device: torch.device | str | None, *candidates: torch.Tensor) -> torch.device | None:
+    """The device to quantize on: the requested one, else the first non-meta tensor's device."""
+    if device is not None:
+        return torch.device(device)
+    for tensor in candidates:
+        if tensor.device.type != "meta":
+            return tensor.device
+    return None
+
+
+def _check_shape(weight: torch.Tensor | torch.Size, layer: torch.nn.Linear, key: str, error_msgs: list[str]) -> bool:
+    shape = tuple(weight.shape if isinstance(weight, torch.Tensor) else weight)
+    expected = (layer.out_features, layer.in_features)
+    if shape != expected:
+        error_msgs.append(f"size mismatch for {key}: copying a param with shape {shape}, the layer expects {expected}.")
+        return False
+    return True
+
+
+def _check_float(weight: torch.Tensor, key: str, error_msgs: list[str]) -> bool:
+    if not weight.is_floating_point():
+        error_msgs.append(
+            f"{key}: got a {weight.dtype} tensor without the quantization state of this layer's mode; expected a float"
+            " weight (quantized on load) or a checkpoint saved from the same mode"
+        )
+        return False
+    return True
+
+
+class _LoadMixin:
+    """Shared load logic: the layer pops its own weight keys, then lets ``nn.Module`` load the bias."""
+
+    def _load_weight(self, state_dict: dict, prefix: str, error_msgs: list[str]) -> bool:
+        raise NotImplementedError
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):  # noqa: E501
+        has_weight = prefix + "weight" in state_dict
+        if has_weight:
+            self._load_weight(state_dict, prefix, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
+        if has_weight and prefix + "weight" in missing_keys:
+            missing_keys.remove(prefix + "weight")
+
+
+class Linear4bit(_LoadMixin, bnb.nn.Linear4bit, QuantizedLinear):
+    """4-bit (NF4 / FP4, optionally double-quantized) Linear that works on CPU and CUDA."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        quant_type: str = "nf4",
+        compress_statistics: bool = False,
+        compute_dtype: torch.dtype | None = None,
+        quant_storage: torch.dtype = torch.uint8,
+    ) -> None:
+        super().__init__(
+            in_features,
+            out_features,
+            bias=bias,
+            compute_dtype=compute_dtype,
+            compress_statistics=compress_statistics,
+            quant_type=quant_type,
+            quant_storage=quant_storage,
+            device=device,
+        )
+        if dtype is not None and self.bias is not None:
+            self.bias.data = self.bias.data.to(dtype)
+        # On AVX512-BF16 CPUs bitsandbytes repacks the weight at the first eval forward and rounds the block
+        # constants to bf16 (undoing double quantization): lossy and irreversible, so saved checkpoints would no
+        # longer match and nf4-dq would cost 4.25 bits. Keep the canonical QLoRA layout instead.
+        self.support_avx512bf16_for_cpu = False
+        # Created on a real device (e.g. under `fabric.init_module()`): quantize now so the float weight of
+        # only this one layer ever exists. On the meta device, quantization waits for the checkpoint load.
+        if self.weight.device.type != "meta":
+            self.quantize_()
+
+    def is_quantized(self) -> bool:
+        return bool(getattr(self.weight, "bnb_quantized", False))
+
+    def quantize_(self, weight: torch.Tensor | None = None, device: torch.device | None = None) -> None:
+        if weight is None:
+            if self.is_quantized():
+                return
+            weight = self.weight.data
+        device = _resolve_device(device, weight)
+        if device is None:
+            raise RuntimeError("Cannot quantize a weight on the meta device; load a checkpoint into the layer first.")
+        old = self.weight
+        params = bnb.nn.Params4bit(
+            weight.detach().to(device),
+            requires_grad=False,
+            blocksize=old.blocksize,
+            compress_statistics=old.compress_statistics,
+            quant_type=old.quant_type,
+            quant_storage=old.quant_storage,
+            module=self,
+        )
+        self.weight = params._quantize(device)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # `fabric.setup_module(..., move_to_device=False)` skips the move that quantizes converted layers.
+        if not self.is_quantized():
+            self.quantize_(device=x.device)
+        return super().forward(x)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return dequantize_4bit(self.weight.data, self.weight.quant_state).float()
+
+    def weight_storage(self) -> Storage:
+        data, state = self.weight.data, self.weight.quant_state
+        per_weight = data.numel() * data.element_size() + state.absmax.numel() * state.absmax.element_size()
+        tables = state.code.numel() * state.code.element_size()
+        if state.nested:
+            nested = state.state2
+            per_weight += nested.absmax.numel() * nested.absmax.element_size() + state.offset.element_size()
+            tables += nested.code.numel() * nested.code.element_size()
+        return Storage(numel=self.in_features * self.out_features, per_weight_bytes=per_weight, table_bytes=tables)
+
+    def _load_weight(self, state_dict: dict, prefix: str, error_msgs: list[str]) -> bool:
+        key = prefix + "weight"
+        stats = {k[len(key) + 1 :]: state_dict.pop(k) for k in list(state_dict) if k.startswith(key + ".")}
+        weight = state_dict.pop(key)
+        device = _resolve_device(None, self.weight, weight)
+        if not stats:  # a float checkpoint: quantize on load
+            if _check_float(weight, key, error_msgs) and _check_shape(weight, self, key, error_msgs):
+                self.quantize_(weight, device)
+            return True
+        if not any(k.startswith("quant_state.bitsandbytes__") for k in stats):
+            error_msgs.append(f"{key}: quantization statistics without a packed quant_state entry: {sorted(stats)}")
+            return False
+        params = bnb.nn.Params4bit.from_prequantized(weight, stats, requires_grad=False, device=device, module=self)
+        if not _check_shape(params.quant_state.shape, self, key, error_msgs):
+            return False
+        mine = self.weight
+        if (params.quant_type, params.compress_statistics) != (mine.quant_type, mine.compress_statistics):
+            error_msgs.append(
+                f"{key}: checkpoint holds quant_type={params.quant_type!r}, double_quant={params.compress_statistics}"
+                f" but the layer is quant_type={mine.quant_type!r}, double_quant={mine.compress_statistics}"
+            )
+            return False
+        self.weight = params
+        return True
+
+
+class Linear8bit(_LoadMixin, bnb.nn.Linear8bitLt, QuantizedLinear):
+    """LLM.int8() Linear that works on CPU (no fp16 requirement) and CUDA.
+
+    ``has_fp16_weights=False`` (mode ``int8``): int8 weights with one fp32 scale per row, frozen.
+    ``has_fp16_weights=True`` (mode ``int8-training``): float weights, trainable, quantized on each forward.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+        *,
+        has_fp16_weights: bool = False,
+        threshold: float = 6.0,
+    ) -> None:
+        super().__init__(
+            in_features, out_features, bias=bias, has_fp16_weights=has_fp16_weights, threshold=threshold, device=device
+        )
+        if dtype is not None:
+            for param in (self.weight, self.bias):
+                if param is not None:
+                    param.data = param.data.to(dtype)
+        if self.weight.device.type != "meta":
+            self.quantize_()
+
+    def is_quantized(self) -> bool:
+        return self.state.has_fp16_weights or self.weight.dtype == torch.int8
+
+    def quantize_(self, weight: torch.Tensor | None = None, device: torch.device | None = None) -> None:
+        if weight is None:
+            if self.weight.dtype == torch.int8:
+                return
+            weight = self.weight.data
+        device = _resolve_device(device, weight)
+        if device is None:
+            raise RuntimeError("Cannot quantize a weight on the meta device; load a checkpoint into the layer first.")
+        fp16_weights = self.state.has_fp16_weights
+        params = bnb.nn.Int8Params(
+            weight.detach().to(device), requires_grad=fp16_weights, has_fp16_weights=fp16_weights
+        )
+        self._set_weight(params if fp16_weights else params._quantize(device))
+
+    def _set_weight(self, params: torch.nn.Parameter) -> None:
+        # bitsandbytes moves CB/SCB from the parameter into `self.state` at the first forward; clear the stale
+        # copies so the next forward takes the new weight's statistics.
+        self.weight = params
+        self.state.CB = self.state.SCB = None
+        self.state.reset_grads()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.is_quantized():
+            self.quantize_(device=x.device)
+        if self.state.has_fp16_weights and x.device.type == "cpu":
+            # The eval path of bitsandbytes' int8-with-float-weights needs `int8_double_quant`, which has no CPU
+            # kernel; its CPU training path (MatMul8bitFp: vector-wise int8 weight, dequantize, matmul) does.
+            self.state.is_training = True
+            bias = self.bias.to(x.dtype) if self.bias is not None else None
+            return bnb.matmul(x, self.weight, bias=bias, state=self.state)
+        return super().forward(x)
+
+    def _scb(self) -> torch.Tensor:
+        return self.weight.SCB if getattr(self.weight, "SCB", None) is not None else self.state.SCB
+
+    def dequantized_weight(self) -> torch.Tensor:
+        if self.state.has_fp16_weights:
+            return self.weight.data.float()
+        return self.weight.data.float() * (self._scb().float() / 127.0).unsqueeze(1)
+
+    def weight_storage(self) -> Storage | None:
+        if self.state.has_fp16_weights:
+            return None
+        scb = self._scb()
+        per_weight = self.weight.numel() * self.weight.element_size() + scb.numel() * scb.element_size()
+        return Storage(numel=self.weight.numel(), per_weight_bytes=per_weight, table_bytes=0)
+
+    def _load_weight(self, state_dict: dict, prefix: str, error_msgs: list[str]) -> bool:
+        key = prefix + "weight"
+        weight = state_dict.pop(key)
+        scb = state_dict.pop(prefix + "SCB", None)
+        state_dict.pop(prefix + "weight_format", None)
+        if not _check_shape(weight, self, key, error_msgs):
+            return False
+        device = _resolve_device(None, self.weight, weight)
+        if weight.dtype != torch.int8:  # a float checkpoint: quantize on load
+            if _check_float(weight, key, error_msgs):
+                self.quantize_(weight, device)
+            return True
+        if self.state.has_fp16_weights or scb is None:
+            error_msgs.append(
+                f"{key}: an int8 weight{'' if scb is not None else ' without its SCB scales'} cannot be loaded into"
+                f" {'an int8-training layer (float weights)' if self.state.has_fp16_weights else 'this layer'}"
+            )
+            return False
+        weight, scb = weight.to(device), scb.to(device)
+        self._set_weight(bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False, CB=weight, SCB=scb))
+        return True
+
+
+@functools.cache
+def layer_class(mode: str, **options: Any) -> type[QuantizedLinear]:
+    """A ``torch.nn.Linear``-signature subclass bound to one mode's options.
+
+    A real class (not ``functools.partial``) so that it can replace ``torch.nn.Linear`` under
+    ``fabric.init_module()`` and ``isinstance`` checks keep working.
+    """
+    options = dict(options)
+    base = Linear4bit if options.pop("kind") == "4bit" else Linear8bit
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, **overrides):  # noqa: N807
+        base.__init__(self, in_features, out_features, bias, device, dtype, **{**options, **overrides})
+
+    name = "Linear_" + mode.replace("-", "_")
+    return type(name, (base,), {"__init__": __init__, "fq_mode": mode, "__module__": __name__})
