@@ -24,6 +24,7 @@ def import_bitsandbytes() -> ModuleType:
         import bitsandbytes
     except ImportError as err:
         raise ModuleNotFoundError(
-            "fabric_quant's bitsandbytes modes need `bitsandbytes>=0.48` (it has a CPU backend): pip install bitsandbytes"
+            "fabric_quant's bitsandbytes modes need `bitsandbytes>=0.48` (it has a CPU backend):"
+            " pip install bitsandbytes"
         ) from err
     return bitsandbytes

@@ -57,7 +57,7 @@ class _LoadMixin:
 
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
-    ):  # noqa: E501
+    ):
         has_weight = prefix + "weight" in state_dict
         if has_weight:
             self._load_weight(state_dict, prefix, error_msgs)

@@ -144,7 +144,7 @@ def _param_kwargs(param: torch.nn.Parameter) -> dict[str, Any]:
 _MODES = {
     "int8": (
         {"kind": "int8", "has_fp16_weights": False},
-        "LLM.int8(): int8 weights + row scales, outliers > 6.0 in float",
+        "LLM.int8(): int8 weights, row scales, fp outliers",
     ),
     "int8-training": ({"kind": "int8", "has_fp16_weights": True}, "LLM.int8() matmul with trainable float weights"),
     "nf4": ({"kind": "4bit", "quant_type": "nf4", "compress_statistics": False}, "4-bit NormalFloat, blocks of 64"),
