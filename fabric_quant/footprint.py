@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+from lightning.fabric.wrappers import _unwrap_objects
 
 from fabric_quant.layers.base import QuantizedLinear
 
@@ -92,6 +93,7 @@ def _nbytes(tensor: torch.Tensor) -> int:
 
 def footprint(model: torch.nn.Module) -> Footprint:
     """Count the bytes of every parameter and buffer (shared tensors once), per layer."""
+    model = _unwrap_objects(model)
     seen: set[int] = set()
     layers = []
     for name, module in model.named_modules():

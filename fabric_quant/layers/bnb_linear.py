@@ -228,13 +228,20 @@ class Linear8bit(_LoadMixin, bnb.nn.Linear8bitLt, QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_quantized():
             self.quantize_(device=x.device)
-        if self.state.has_fp16_weights and x.device.type == "cpu":
-            # The eval path of bitsandbytes' int8-with-float-weights needs `int8_double_quant`, which has no CPU
-            # kernel; its CPU training path (MatMul8bitFp: vector-wise int8 weight, dequantize, matmul) does.
-            self.state.is_training = True
-            bias = self.bias.to(x.dtype) if self.bias is not None else None
-            return bnb.matmul(x, self.weight, bias=bias, state=self.state)
-        return super().forward(x)
+        if x.device.type != "cpu":
+            return super().forward(x)
+        # On CPU, bitsandbytes' LLM.int8() inference path (MatMul8bitLt) quantizes activations row-wise with no fast
+        # kernel, and its float-weight variant needs `int8_double_quant`, which has no CPU kernel at all. Its CPU
+        # path MatMul8bitFp (int8 row-wise weight, dequantized into a float matmul) serves both: weight-only int8,
+        # the same storage and checkpoints, lower error (no activation rounding) and faster at small batch.
+        if self.weight.CB is not None:
+            self.init_8bit_state()
+        self.state.is_training = True
+        bias = self.bias.to(x.dtype) if self.bias is not None else None
+        out = bnb.matmul(x, self.weight, bias=bias, state=self.state)
+        if not self.state.has_fp16_weights:
+            self.weight.data = self.state.CB
+        return out
 
     def _scb(self) -> torch.Tensor:
         return self.weight.SCB if getattr(self.weight, "SCB", None) is not None else self.state.SCB

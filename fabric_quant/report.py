@@ -1,0 +1,96 @@
+"""Reports as people compare them: a Markdown table, a CSV file and a PNG plot."""
+
+from __future__ import annotations
+
+import csv
+import io
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+
+from fabric_quant.checkpoint import atomic_write_bytes
+
+
+def measure_latency(fn: Callable[[], object], repeats: int, warmup: int = 2) -> dict[str, float]:
+    """Median and spread (interquartile range) of ``fn``'s wall time in milliseconds."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median_ms": statistics.median(times), "iqr_ms": quartiles[2] - quartiles[0]}
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        if value != value:  # NaN: the quantity does not apply (e.g. bits per quantized param of a float model)
+            return "-"
+        return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+    return str(value)
+
+
+def markdown_table(rows: Sequence[dict[str, object]], columns: Sequence[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" for _ in columns) + "|"]
+    lines += ["| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_report(
+    rows: Sequence[dict[str, object]],
+    columns: Sequence[str],
+    out_dir: str | Path,
+    name: str,
+    header: str = "",
+    plot: Callable[[Path], None] | None = None,
+) -> dict[str, Path]:
+    """Write ``name.md``, ``name.csv`` (and ``name.png`` via ``plot``) atomically into ``out_dir``."""
+    out_dir = Path(out_dir)
+    md = (header + "\n\n" if header else "") + markdown_table(rows, columns) + "\n"
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    paths = {
+        "markdown": atomic_write_bytes(out_dir / f"{name}.md", md.encode()),
+        "csv": atomic_write_bytes(out_dir / f"{name}.csv", buf.getvalue().encode()),
+    }
+    if plot is not None:
+        png = out_dir / f"{name}.png"
+        plot(png)
+        paths["png"] = png
+    return paths
+
+
+def scatter_plot(rows: Sequence[dict[str, object]], x: str, y: str, label: str, title: str) -> Callable[[Path], None]:
+    """A labelled scatter plot (e.g. size against fidelity), written atomically as PNG."""
+
+    def draw(path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for row in rows:
+            ax.scatter(row[x], row[y])
+            ax.annotate(str(row[label]), (row[x], row[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        ax.set_xlabel(x)
+        ax.set_ylabel(y)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        buf = io.BytesIO()
+        fig.tight_layout()
+        fig.savefig(buf, format="png", dpi=120)
+        plt.close(fig)
+        atomic_write_bytes(path, buf.getvalue())
+
+    return draw

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# One go on a CUDA machine: the CUDA-marked tests, then the GPU footprint/latency check.
+#   bash scripts/gpu_check.sh [WHEEL_DIR]
+# WHEEL_DIR (optional) holds wheels of what the GPU image lacks (bitsandbytes, jsonargparse); they are installed
+# without touching the image's own torch.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+if [ -n "${1:-}" ]; then
+  python -m pip install -q --no-deps "$1"/*.whl
+fi
+python -m pip install -q --no-deps -e .
+nvidia-smi --query-gpu=name,memory.total --format=csv
+python -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py
+python benchmarks/gpu_check.py

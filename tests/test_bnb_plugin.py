@@ -1,0 +1,171 @@
+"""BnbPrecision on CPU with real bitsandbytes kernels, every mode."""
+
+import pytest
+import torch
+from conftest import BNB_MODES, Net, make_net, rel_err, setup_quantized
+from lightning.fabric import Fabric
+
+import fabric_quant as fq
+from fabric_quant.layers import QuantizedLinear
+
+# Relative output error of one layer with Gaussian weights vs fp32. int8: row-wise absmax int8 has an RMS
+# error of ~0.73 % on Gaussian rows; 4-bit: QLoRA-level block quantization error (NF4 < FP4).
+ERROR_BOUND = {"int8": 0.01, "int8-training": 0.01, "nf4": 0.11, "nf4-dq": 0.11, "fp4": 0.14, "fp4-dq": 0.14}
+
+
+def layer_error(mode: str, train: bool) -> float:
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(512, 256)
+    torch.nn.init.normal_(lin.weight, std=0.02)
+    x = torch.randn(32, 512)
+    ref = lin(x)
+    _, model = setup_quantized(mode, torch.nn.Sequential(lin))
+    model.train(train)
+    with torch.no_grad():
+        return rel_err(model(x), ref)
+
+
+@pytest.mark.parametrize("mode", BNB_MODES)
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_output_error_within_mode_bound(mode, train):
+    assert layer_error(mode, train) < ERROR_BOUND[mode]
+
+
+def test_nf4_beats_fp4_on_gaussian_weights():
+    # QLoRA Table 2 ordering: NF4 is information-theoretically matched to normally distributed weights.
+    assert layer_error("nf4", False) < 0.85 * layer_error("fp4", False)
+    assert layer_error("nf4-dq", False) < 0.85 * layer_error("fp4-dq", False)
+
+
+@pytest.mark.parametrize("mode", BNB_MODES)
+def test_weights_are_really_quantized(mode):
+    _, model = setup_quantized(mode)
+    for lin in (model.module.fc1, model.module.fc2):
+        assert isinstance(lin, QuantizedLinear) and lin.fq_mode == mode
+        n = lin.in_features * lin.out_features
+        if mode == "int8":
+            assert lin.weight.dtype == torch.int8 and lin.weight.numel() == n
+            assert lin.weight.element_size() * lin.weight.numel() == n
+        elif mode == "int8-training":  # float weights, quantized on every forward (trainable)
+            assert lin.weight.dtype == torch.float32 and lin.weight.requires_grad
+        else:
+            assert lin.weight.dtype == torch.uint8 and lin.weight.numel() * lin.weight.element_size() == n // 2
+            state = lin.weight.quant_state
+            assert state.quant_type == mode[:3] and state.nested == mode.endswith("-dq")
+            assert tuple(state.shape) == (lin.out_features, lin.in_features)
+
+
+@pytest.mark.parametrize("mode", BNB_MODES)
+def test_backward_reaches_inputs_and_trainable_float_params(mode):
+    _, model = setup_quantized(mode)
+    x = torch.randn(4, 512, requires_grad=True)
+    model(x).square().mean().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    net = model.module
+    for param in (net.norm.weight, net.norm.bias, net.fc1.bias, net.fc2.bias):
+        assert param.grad is not None and param.grad.abs().sum() > 0
+    for lin in (net.fc1, net.fc2):
+        if mode == "int8-training":
+            assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+        else:
+            assert not lin.weight.requires_grad and lin.weight.grad is None
+
+
+@pytest.mark.parametrize("mode", ["nf4-dq", "int8-training"])
+def test_a_training_step_lowers_the_loss(mode):
+    fabric, model = setup_quantized(mode)
+    optimizer = fabric.setup_optimizers(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], 1e-2))
+    torch.manual_seed(1)
+    # frozen quantized weights: the biases and LayerNorm can still fit a shifted target
+    x, target = torch.randn(64, 512), torch.full((64, 64), 0.5)
+    losses = []
+    for _ in range(15):
+        loss = torch.nn.functional.mse_loss(model(x), target)
+        optimizer.zero_grad()
+        fabric.backward(loss)
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_default_dtype_fits_the_cpu_and_casts_float_layers():
+    plugin = fq.BnbPrecision("nf4")
+    expected = torch.bfloat16 if torch.ops.mkldnn._is_mkldnn_bf16_supported() else torch.float32
+    assert plugin.dtype is expected
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=plugin)
+    model = fabric.setup_module(make_net())
+    assert model.module.norm.weight.dtype is expected and model.module.fc1.bias.dtype is expected
+    assert model.module.fc1.compute_dtype is expected
+    out = model(torch.randn(2, 512))
+    assert out.dtype is torch.float32  # convert_output restores the default dtype
+
+
+@pytest.mark.parametrize("mode", ["int8", "int8-training"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_on_cpu_does_not_need_fp16(mode, dtype):
+    _, model = setup_quantized(mode, dtype=dtype)
+    assert model(torch.randn(2, 512)).isfinite().all()
+
+
+def test_ignore_modules_keeps_prefixed_layers_float():
+    _, model = setup_quantized("nf4", ignore_modules={"fc2"})
+    assert isinstance(model.module.fc1, QuantizedLinear)
+    assert type(model.module.fc2) is torch.nn.Linear
+
+
+def test_hf_model_from_pretrained_with_ignore_modules(tiny_bert_dir):
+    from transformers import AutoModel
+
+    _, model = setup_quantized("nf4-dq", AutoModel.from_pretrained(tiny_bert_dir), ignore_modules=["pooler"])
+    bert = model.module
+    assert isinstance(bert.encoder.layer[0].attention.self.query, QuantizedLinear)
+    assert type(bert.pooler.dense) is torch.nn.Linear
+    out = model(input_ids=torch.randint(0, 200, (2, 16)))
+    assert out.last_hidden_state.shape == (2, 16, 64) and out.last_hidden_state.isfinite().all()
+
+
+@pytest.mark.parametrize("mode", BNB_MODES)
+def test_init_module_creates_quantized_layers_directly(mode):
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=fq.precision_plugin(mode, dtype=torch.float32))
+    with fabric.init_module():
+        net = Net()
+    for lin in (net.fc1, net.fc2):  # quantized at construction: no float copy of the model is kept around
+        assert isinstance(lin, QuantizedLinear) and lin.is_quantized()
+        if mode != "int8-training":
+            assert lin.weight.dtype in (torch.uint8, torch.int8)
+    # loading a float checkpoint quantizes on load, exactly as converting the float model does
+    source = make_net(seed=3)
+    net.load_state_dict(source.state_dict())
+    _, converted = setup_quantized(mode, make_net(seed=3))
+    x = torch.randn(4, 512)
+    with torch.no_grad():
+        assert torch.equal(fabric.setup_module(net)(x), converted(x))
+
+
+def test_model_built_on_meta_device_quantizes_on_load():
+    with torch.device("meta"):
+        net = Net()
+    fq.precision_plugin("nf4-dq", dtype=torch.float32).convert_module(net)
+    assert net.fc1.weight.device.type == "meta" and not net.fc1.is_quantized()
+    net.load_state_dict(make_net(seed=4).state_dict(), assign=True)
+    assert net.fc1.is_quantized() and net.fc1.weight.device.type == "cpu"
+    _, reference = setup_quantized("nf4-dq", make_net(seed=4))
+    assert torch.equal(net.fc1.weight, reference.module.fc1.weight)
+
+
+@pytest.mark.parametrize("mode", BNB_MODES)
+def test_float_checkpoint_loads_into_quantized_model(mode):
+    _, model = setup_quantized(mode, make_net(seed=0))
+    source = make_net(seed=5)
+    model.load_state_dict(source.state_dict())
+    _, direct = setup_quantized(mode, make_net(seed=5))
+    for key, value in direct.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("mode", BNB_MODES)
+def test_move_to_device_false_still_quantizes_before_first_forward(mode):
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=fq.precision_plugin(mode, dtype=torch.float32))
+    model = fabric.setup_module(make_net(), move_to_device=False)
+    model(torch.randn(2, 512))
+    assert model.module.fc1.is_quantized()

@@ -1,0 +1,118 @@
+import os
+
+import pytest
+import torch
+from conftest import BNB_MODES, Net, make_net, rel_err, setup_quantized
+from lightning.fabric import Fabric
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import fabric_quant as fq
+from fabric_quant.checkpoint import atomic_write_bytes
+
+
+@pytest.mark.parametrize("mode", BNB_MODES)
+def test_quantized_save_reload_is_bit_exact(mode, tmp_path):
+    _, model = setup_quantized(mode, make_net(seed=0))
+    model.eval()
+    x = torch.randn(8, 512)
+    with torch.no_grad():
+        expected = model(x)  # a forward before saving must not change what is saved
+    path = fq.save_quantized(model, tmp_path / "q.safetensors")
+    _, fresh = setup_quantized(mode, make_net(seed=1))
+    fresh.eval()
+    fq.load_quantized(fresh, path)
+    saved, loaded = model.state_dict(), fresh.state_dict()
+    assert saved.keys() == loaded.keys()
+    for key in saved:
+        assert saved[key].dtype == loaded[key].dtype and torch.equal(saved[key], loaded[key]), key
+    with torch.no_grad():
+        assert torch.equal(fresh(x), expected)
+
+
+def test_quantized_checkpoint_is_smaller_than_float(tmp_path):
+    _, model = setup_quantized("nf4-dq", make_net())
+    path = fq.save_quantized(model, tmp_path / "q.safetensors")
+    float_path = tmp_path / "f.safetensors"
+    save_file(make_net().state_dict(), float_path)
+    assert os.path.getsize(path) < 0.2 * os.path.getsize(float_path)
+
+
+@pytest.mark.parametrize("mode", BNB_MODES)
+def test_dequantized_save_loads_into_plain_torch_model(mode, tmp_path):
+    _, model = setup_quantized(mode, make_net(seed=0))
+    path = fq.save_dequantized(model, tmp_path / "dq.safetensors")
+    plain = Net()
+    plain.load_state_dict(load_file(path), strict=True)
+    x = torch.randn(8, 512)
+    with torch.no_grad():
+        if mode == "int8-training":  # float master weights, quantized per forward: the export is those weights
+            assert torch.equal(plain(x), make_net(seed=0)(x))
+        else:  # the weights exactly as the quantized model computes with them
+            assert rel_err(plain(x), model(x)) < 1e-5
+            assert rel_err(plain(x), make_net(seed=0)(x)) > 1e-4
+
+
+def test_dequantized_state_dict_dtype():
+    _, model = setup_quantized("nf4", make_net())
+    state = fq.dequantized_state_dict(model, dtype=torch.bfloat16)
+    assert set(state) == set(Net().state_dict())
+    assert all(v.dtype is torch.bfloat16 for v in state.values())
+
+
+def test_fabric_save_and_load_round_trip(tmp_path):
+    fabric, model = setup_quantized("nf4-dq", make_net(seed=0))
+    fabric.save(tmp_path / "ckpt", {"model": model})
+    _, fresh = setup_quantized("nf4-dq", make_net(seed=1))
+    fabric.load(tmp_path / "ckpt", {"model": fresh})
+    for key, value in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+
+
+def test_load_into_other_mode_is_refused_and_leaves_model_untouched(tmp_path):
+    _, nf4 = setup_quantized("nf4", make_net())
+    path = fq.save_quantized(nf4, tmp_path / "nf4.safetensors")
+    _, int8 = setup_quantized("int8", make_net(seed=2))
+    before = {k: v.clone() for k, v in int8.state_dict().items()}
+    with pytest.raises(ValueError, match=r"other quantization modes.*'fc1': \('nf4', 'int8'\)"):
+        fq.load_quantized(int8, path)
+    assert all(torch.equal(before[k], v) for k, v in int8.state_dict().items())
+
+
+def test_load_state_dict_of_other_4bit_type_reports_the_mismatch():
+    _, nf4 = setup_quantized("nf4", make_net())
+    _, fp4 = setup_quantized("fp4", make_net())
+    with pytest.raises(RuntimeError, match=r"quant_type='nf4'.*quant_type='fp4'"):
+        fp4.load_state_dict(nf4.state_dict())
+
+
+def test_load_of_a_foreign_file_is_refused(tmp_path):
+    save_file(make_net().state_dict(), tmp_path / "plain.safetensors")
+    _, model = setup_quantized("nf4", make_net())
+    with pytest.raises(ValueError, match="not a fabric_quant quantized checkpoint"):
+        fq.load_quantized(model, tmp_path / "plain.safetensors")
+
+
+def test_atomic_write_keeps_the_old_file_when_writing_fails(tmp_path, monkeypatch):
+    target = atomic_write_bytes(tmp_path / "out.bin", b"old")
+
+    def broken_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_write_bytes(target, b"new content")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["out.bin"]  # no temporary file left behind
+
+
+def test_checkpoint_of_fabric_wrapped_and_plain_module_agree(tmp_path):
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=fq.precision_plugin("int8", dtype=torch.float32))
+    wrapped = fabric.setup_module(make_net())
+    a = fq.save_quantized(wrapped, tmp_path / "a.safetensors")
+    b = fq.save_quantized(wrapped.module, tmp_path / "b.safetensors")
+    # (compared by content: safetensors does not keep the metadata's key order)
+    ta, tb = load_file(a), load_file(b)
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
+        assert fa.metadata() == fb.metadata()

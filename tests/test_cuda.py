@@ -1,0 +1,59 @@
+"""CUDA checks: run with `pytest -m cuda` on a GPU machine (scripts/gpu_check.sh); skipped without a GPU."""
+
+import pytest
+import torch
+from conftest import BNB_MODES, Net, make_net, rel_err
+from lightning.fabric import Fabric
+
+import fabric_quant as fq
+from fabric_quant.layers import QuantizedLinear
+
+pytestmark = pytest.mark.cuda
+
+BOUND = {"int8": 0.03, "int8-training": 0.03, "nf4": 0.12, "nf4-dq": 0.12, "fp4": 0.15, "fp4-dq": 0.15}
+
+
+def cuda_fabric(mode: str, **kwargs) -> Fabric:
+    return Fabric(accelerator="cuda", devices=1, plugins=fq.precision_plugin(mode, **kwargs))
+
+
+@pytest.mark.parametrize("mode", BNB_MODES)
+def test_quantizes_on_the_gpu_forward_backward(mode):
+    fabric = cuda_fabric(mode)
+    reference = make_net()
+    model = fabric.setup_module(make_net())
+    lin = model.module.fc1
+    assert isinstance(lin, QuantizedLinear) and lin.is_quantized() and lin.weight.device.type == "cuda"
+    x = torch.randn(16, 512, device="cuda", requires_grad=True)
+    out = model(x)
+    out.float().square().mean().backward()
+    assert x.grad is not None and model.module.norm.weight.grad is not None
+    with torch.no_grad():
+        assert rel_err(out.cpu(), reference(x.detach().cpu())) < BOUND[mode]
+
+
+@pytest.mark.parametrize("mode", BNB_MODES)
+def test_save_reload_bit_exact_on_gpu_and_portable_from_cpu(mode, tmp_path):
+    fabric = cuda_fabric(mode)
+    model = fabric.setup_module(make_net(seed=0))
+    path = fq.save_quantized(model, tmp_path / "gpu.safetensors")
+    fresh = fabric.setup_module(make_net(seed=1))
+    fq.load_quantized(fresh, path)
+    x = torch.randn(4, 512, device="cuda")
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+    dq = fq.dequantized_state_dict(model)
+    plain = Net()
+    plain.load_state_dict({k: v.cpu() for k, v in dq.items()})
+
+
+def test_init_module_does_not_materialize_float_weights_on_gpu():
+    fabric = cuda_fabric("nf4-dq", dtype=torch.bfloat16)
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    with fabric.init_module():
+        layers = torch.nn.Sequential(*[torch.nn.Linear(4096, 4096, bias=False) for _ in range(8)])
+    peak = torch.cuda.max_memory_allocated() - before
+    bf16_bytes = 8 * 4096 * 4096 * 2
+    assert all(layer.is_quantized() for layer in layers)
+    assert peak < 0.45 * bf16_bytes, f"peak {peak / 1e6:.0f} MB vs bf16 model {bf16_bytes / 1e6:.0f} MB"

@@ -1,0 +1,64 @@
+"""Bad input: a clear error naming the bad value and the valid choices, and nothing half-done."""
+
+import pytest
+import torch
+from conftest import make_net
+from lightning.fabric import Fabric
+
+import fabric_quant as fq
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.float64, "float8", "bogus"])
+def test_incompatible_dtype(dtype):
+    with pytest.raises(ValueError, match=r"Unsupported dtype for mode 'nf4'.*Valid choices: torch.float32"):
+        fq.BnbPrecision("nf4", dtype=dtype)
+
+
+def test_unknown_mode_through_the_plugin():
+    with pytest.raises(ValueError, match=r"Unknown bitsandbytes mode 'nf4dq'. Valid choices: int8, int8-training, nf4"):
+        fq.BnbPrecision("nf4dq")
+
+
+def test_model_without_linear_layers_is_refused():
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=fq.BnbPrecision("nf4"))
+    with pytest.raises(TypeError, match=r"BnbPrecision\('nf4'\) quantizes torch.nn.Linear layers, but Sequential"):
+        fabric.setup_module(torch.nn.Sequential(torch.nn.Conv1d(2, 2, 1), torch.nn.ReLU()))
+
+
+def test_ignore_modules_matching_nothing_is_refused_before_any_change():
+    net = make_net()
+    plugin = fq.BnbPrecision("nf4", ignore_modules={"fc2", "lm_head"})
+    with pytest.raises(ValueError, match=r"ignore_modules=\['lm_head'\] match no submodule of Net.*'fc1', 'fc2'"):
+        plugin.convert_module(net)
+    assert type(net.fc1) is torch.nn.Linear and net.fc1.weight.dtype is torch.float32  # untouched
+
+
+def test_ignore_modules_as_a_bare_string_is_refused():
+    with pytest.raises(TypeError, match="collection of name prefixes, got the string 'fc2'"):
+        fq.BnbPrecision("nf4", ignore_modules="fc2")
+
+
+def test_init_module_with_ignore_modules_explains_why():
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=fq.BnbPrecision("nf4", ignore_modules={"fc2"}))
+    with (
+        pytest.raises(RuntimeError, match="layer names are unknown while the model is constructed"),
+        fabric.init_module(),
+    ):
+        pass
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_requested_without_a_gpu():
+    net = make_net()
+    with pytest.raises(RuntimeError, match="CUDA"):
+        Fabric(accelerator="cuda", devices=1, plugins=fq.BnbPrecision("nf4"))
+    assert type(net.fc1) is torch.nn.Linear
+
+
+def test_shape_mismatch_on_load_is_reported():
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=fq.BnbPrecision("nf4-dq", dtype=torch.float32))
+    model = fabric.setup_module(make_net())
+    bad = make_net().state_dict()
+    bad["fc1.weight"] = torch.zeros(3, 3)
+    with pytest.raises(RuntimeError, match=r"size mismatch for fc1.weight.*\(3, 3\).*\(512, 512\)"):
+        model.load_state_dict(bad)
