@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -70,8 +71,10 @@ def write_report(
     return paths
 
 
-def scatter_plot(rows: Sequence[dict[str, object]], x: str, y: str, label: str, title: str) -> Callable[[Path], None]:
-    """A labelled scatter plot (e.g. size against fidelity), written atomically as PNG."""
+def bar_panels(
+    rows: Sequence[dict[str, object]], label: str, metrics: Sequence[str], title: str
+) -> Callable[[Path], None]:
+    """One horizontal bar panel per metric, one bar per row; written atomically as PNG."""
 
     def draw(path: Path) -> None:
         import matplotlib
@@ -79,18 +82,36 @@ def scatter_plot(rows: Sequence[dict[str, object]], x: str, y: str, label: str, 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 4.5))
-        for row in rows:
-            ax.scatter(row[x], row[y])
-            ax.annotate(str(row[label]), (row[x], row[y]), textcoords="offset points", xytext=(4, 4), fontsize=8)
-        ax.set_xlabel(x)
-        ax.set_ylabel(y)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        buf = io.BytesIO()
+        names = [str(row[label]) for row in rows]
+        fig, axes = plt.subplots(1, len(metrics), figsize=(4 * len(metrics), 0.45 * len(rows) + 1.5), sharey=True)
+        axes = list(axes) if len(metrics) > 1 else [axes]
+        axes[0].invert_yaxis()  # first row on top; the y axis is shared, so invert it once
+        for ax, metric in zip(axes, metrics, strict=True):
+            values = [float(row[metric]) for row in rows]
+            ax.barh(names, values, color="tab:blue")
+            for y, v in enumerate(values):
+                ax.annotate(_fmt(v), (v, y), xytext=(3, 0), textcoords="offset points", va="center", fontsize=8)
+            ax.set_title(metric, fontsize=10)
+            ax.margins(x=0.25)
+            if metric.startswith("cosine"):
+                ax.set_xlim(min(values) - 0.05, 1.01)
+        fig.suptitle(title)
         fig.tight_layout()
-        fig.savefig(buf, format="png", dpi=120)
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
         plt.close(fig)
         atomic_write_bytes(path, buf.getvalue())
 
     return draw
+
+
+def machine_name() -> str:
+    """The CPU model (Linux), else what ``platform`` knows."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -10,7 +10,6 @@ Python's own documentation (``pydoc_data.topics``). Latency is one forward at ba
 
 from __future__ import annotations
 
-import platform
 import sys
 from functools import partial
 from pathlib import Path
@@ -23,7 +22,7 @@ from tqdm import tqdm
 import fabric_quant as fq
 from fabric_quant.data import topic_paragraphs
 from fabric_quant.models import minilm_path
-from fabric_quant.report import measure_latency, scatter_plot, write_report
+from fabric_quant.report import bar_panels, machine_name, measure_latency, write_report
 
 FABRIC_PRECISIONS = ("32-true", "bf16-true", "16-true")
 COLUMNS = (
@@ -114,14 +113,15 @@ def setup(
         row["cosine_mean"], row["cosine_min"] = cos.mean().item(), cos.min().item()
         rows.append(row)
 
+    header_title = f"Quantization modes on {'all-MiniLM-L6-v2' if model is None else path.name}"
     header = (
-        f"# Quantization modes on {'all-MiniLM-L6-v2' if model is None else path.name}\n\n"
+        f"# {header_title}\n\n"
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  \n"
-        f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, {threads} threads.  \n"
+        f"Machine: {machine_name()}, torch {torch.__version__}, {threads} threads.  \n"
         f"Reference for speedup and cosine: {modes[0]} (measured in this run). Latency: median over {repeats}"
         f" forwards of seq {seq_len}; iqr = interquartile range. Cosine over {len(texts)} paragraphs."
     )
-    plot = scatter_plot(rows, "size_mb", "cosine_mean", "mode", "size vs embedding fidelity")
+    plot = bar_panels(rows, "mode", ["size_mb", "latency_b1_ms", "latency_b8_ms", "cosine_mean"], header_title)
     paths = write_report(rows, COLUMNS, out_dir, "quantize_modes", header, plot)
     print(paths["markdown"].read_text())
     print("written:", ", ".join(str(p) for p in paths.values()))
