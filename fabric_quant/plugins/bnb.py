@@ -61,8 +61,16 @@ class BnbPrecision(Precision):
 
     @override
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        from fabric_quant.layers import QuantizedLinear
+        from fabric_quant.layers import QuantizedLinear, quantized_layers
 
+        # Idempotent: a model quantized before adapters were added (QLoRA: quantize, then wrap with peft, then
+        # `fabric.setup_module`) is not converted again, which would quantize the adapters' own Linear layers.
+        if next(quantized_layers(module), None) is None:
+            self._replace_linear_layers(module)
+        self._cast_float_params(module, skip=QuantizedLinear)
+        return module
+
+    def _replace_linear_layers(self, module: torch.nn.Module) -> None:
         if not any(isinstance(m, torch.nn.Linear) for m in module.modules()):
             raise TypeError(
                 f"BnbPrecision({self.mode!r}) quantizes torch.nn.Linear layers, but {type(module).__name__} has none."
@@ -85,8 +93,6 @@ class BnbPrecision(Precision):
             return new
 
         replace_modules(module, select, build)
-        self._cast_float_params(module, skip=QuantizedLinear)
-        return module
 
     def _cast_float_params(self, module: torch.nn.Module, skip: type) -> None:
         # Everything that stays in float runs in the compute dtype, as in Lightning's "-true" precisions;

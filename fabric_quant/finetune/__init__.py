@@ -1,0 +1,1 @@
+"""Fine-tuning building blocks for the recipes: arguments, data, model assembly, checkpoints."""

@@ -1,0 +1,189 @@
+"""Fine-tuning data: JSONL classification / instruction files and the built-in pydoc-topics set.
+
+Examples become token-id lists once; batches are cut from a seeded permutation per epoch so that a resumed run
+sees exactly the micro-batches an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fabric_quant.data import topic_paragraphs
+
+IGNORE_INDEX = -100
+PROMPT = (
+    "Below is an instruction that describes a task{ctx}. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n{input}### Response:\n"
+)
+
+
+@dataclass
+class Dataset:
+    examples: list[dict[str, list[int]]]
+    """Each with `input_ids` and `labels` (token list for causal-lm, [label id] for classification)."""
+    labels: list[str] | None = None
+    """Label names by id (classification)."""
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+
+def read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]]) -> list[dict]:
+    """Records of a JSONL file; a malformed line raises ``ValueError`` naming the file and line number."""
+    records = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict):
+                raise ValueError(f"{path}:{lineno}: expected a JSON object, got {type(record).__name__}")
+            for key, kind in required.items():
+                if not isinstance(record.get(key), kind):
+                    got = "missing" if key not in record else type(record[key]).__name__
+                    raise ValueError(f"{path}:{lineno}: field {key!r} must be {_name(kind)} (got {got})")
+            records.append(record)
+    if not records:
+        raise ValueError(f"{path}: no examples")
+    return records
+
+
+def _name(kind: type | tuple[type, ...]) -> str:
+    return " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
+
+
+def pydoc_topics(min_per_topic: int) -> list[dict]:
+    """The built-in task: classify a paragraph of Python's documentation by its topic."""
+    by_topic = defaultdict(list)
+    for topic, text in topic_paragraphs():
+        by_topic[topic].append(text)
+    records = [
+        {"text": t, "label": k} for k, texts in sorted(by_topic.items()) if len(texts) >= min_per_topic for t in texts
+    ]
+    if len({r["label"] for r in records}) < 2:
+        raise ValueError(f"min_per_topic={min_per_topic} leaves fewer than 2 topics; lower it")
+    return records
+
+
+def split(records: list[dict], val_fraction: float, seed: int, stratify: bool) -> tuple[list[dict], list[dict]]:
+    """Held-out split, per label when ``stratify`` so that every label is in both parts."""
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    groups = defaultdict(list)
+    for record in records:
+        groups[record["label"] if stratify else None].append(record)
+    rng = random.Random(seed)
+    train, val = [], []
+    for key in sorted(groups, key=str):
+        items = groups[key][:]
+        rng.shuffle(items)
+        cut = max(1, round(len(items) * val_fraction))
+        val += items[:cut]
+        train += items[cut:]
+    return train, val
+
+
+def encode_classification(records: list[dict], tokenizer, max_len: int, labels: list[str], source: str) -> Dataset:
+    index = {name: i for i, name in enumerate(labels)}
+    examples = []
+    for i, record in enumerate(records):
+        label = str(record["label"])
+        if label not in index:
+            raise ValueError(f"{source}: example {i + 1} has label {label!r}, unseen in training. Known: {labels}")
+        ids = tokenizer(record["text"], truncation=True, max_length=max_len)["input_ids"]
+        examples.append({"input_ids": ids, "labels": [index[label]]})
+    return Dataset(examples, labels)
+
+
+def encode_instruction(records: list[dict], tokenizer, max_len: int, source: str = "data") -> Dataset:
+    """Alpaca-style prompt; the prompt's tokens are masked out of the loss. Examples whose response is cut off
+    entirely by ``max_len`` are dropped (they would contribute no loss, and a batch of them a NaN)."""
+    examples = []
+    for record in records:
+        extra = record.get("input") or ""
+        prompt = PROMPT.format(
+            ctx=", paired with an input that provides further context" if extra else "",
+            instruction=record["instruction"],
+            input=f"### Input:\n{extra}\n\n" if extra else "",
+        )
+        # prompt and response are tokenized apart (no special tokens in between) so the mask boundary is exact
+        bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+        eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+        prompt_ids = bos + tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        full = prompt_ids + tokenizer(record["output"], add_special_tokens=False)["input_ids"] + eos
+        full = full[:max_len]
+        n_prompt = min(len(prompt_ids), len(full))
+        if n_prompt < len(full):
+            examples.append({"input_ids": full, "labels": [IGNORE_INDEX] * n_prompt + full[n_prompt:]})
+    if not examples:
+        raise ValueError(f"{source}: every prompt is at least max_seq_length={max_len} tokens long; raise it")
+    return Dataset(examples)
+
+
+def load_datasets(task: str, data, tokenizer, max_len: int, seed: int) -> tuple[Dataset, Dataset]:
+    """Train and validation sets for ``task`` from ``data`` (a ``DataArgs``)."""
+    if task == "sequence-classification":
+        schema = {"text": str, "label": (str, int)}
+        records = read_jsonl(data.train_path, schema) if data.train_path else pydoc_topics(data.min_per_topic)
+        source = str(data.train_path or "pydoc-topics")
+    else:
+        if data.train_path is None:
+            raise ValueError("task 'causal-lm' needs data.train_path: a JSONL file of instruction/input/output records")
+        schema = {"instruction": str, "output": str}
+        records, source = read_jsonl(data.train_path, schema), str(data.train_path)
+    if data.val_path:
+        train, val = records, read_jsonl(data.val_path, schema)
+    else:
+        train, val = split(records, data.val_fraction, seed, stratify=task == "sequence-classification")
+    if task == "causal-lm":
+        return (
+            encode_instruction(train, tokenizer, max_len, source),
+            encode_instruction(val, tokenizer, max_len, str(data.val_path or source)),
+        )
+    labels = sorted({str(r["label"]) for r in train})
+    val_source = str(data.val_path or f"{source} (held-out split)")
+    return (
+        encode_classification(train, tokenizer, max_len, labels, source),
+        encode_classification(val, tokenizer, max_len, labels, val_source),
+    )
+
+
+def collate(examples: list[dict[str, list[int]]], pad_id: int, task: str) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest example; classification labels are one id per example."""
+    width = max(len(e["input_ids"]) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for i, e in enumerate(examples):
+        ids[i, : len(e["input_ids"])] = torch.tensor(e["input_ids"])
+        mask[i, : len(e["input_ids"])] = 1
+    if task == "sequence-classification":
+        labels = torch.tensor([e["labels"][0] for e in examples])
+    else:
+        labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+        for i, e in enumerate(examples):
+            labels[i, : len(e["labels"])] = torch.tensor(e["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def epoch_micro_batches(n: int, micro: int, seed: int, epoch: int, rank: int, world: int) -> list[list[int]]:
+    """This rank's micro-batches (example indices) of one epoch: a permutation seeded by (seed, epoch), sharded
+    so every rank gets the same number of full micro-batches."""
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+    per_rank = (n // world) // micro * micro
+    mine = order[rank::world][:per_rank]
+    return [mine[i : i + micro] for i in range(0, per_rank, micro)]
+
+
+def eval_batches(n: int, micro: int, rank: int, world: int) -> list[list[int]]:
+    """Every example exactly once over all ranks (the last batches may be short or empty)."""
+    mine = list(range(rank, n, world))
+    return [mine[i : i + micro] for i in range(0, len(mine), micro)]

@@ -1,0 +1,289 @@
+"""QLoRA (or 16-bit LoRA) fine-tuning under Fabric, config-driven.
+
+    python recipes/qlora.py --config configs/qlora/minilm-pydoc-nf4dq.yaml
+    python recipes/qlora.py --config configs/qlora/minilm-pydoc-nf4dq.yaml --quantize null --out_dir runs/lora16
+    python recipes/qlora.py --config ... --train.max_steps 20 --devices 2 --strategy ddp --resume auto
+    python recipes/qlora.py --help | --print_config
+
+Every parameter of `setup` is a YAML key and a CLI flag. Outputs in out_dir: checkpoints/ (resumable, with PEFT
+adapters), final/adapter (PEFT), final/merged (Hugging Face model, LoRA merged into the dequantized base),
+config.yaml, metrics.json, logs/ (CSV, and TensorBoard when installed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import resource
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+import torch
+import yaml
+from jsonargparse import CLI
+from lightning.fabric import Fabric
+from lightning.fabric.loggers import CSVLogger
+from tqdm import tqdm
+
+import fabric_quant as fq
+from fabric_quant.checkpoint import atomic_write_bytes, save_dir_atomically
+from fabric_quant.dtypes import parse_dtype
+from fabric_quant.finetune import data as fdata
+from fabric_quant.finetune.args import DataArgs, EvalArgs, LoRAArgs, ModelArgs, TrainArgs
+from fabric_quant.finetune.model import add_lora, head_names, load_float_model, save_merged
+from fabric_quant.finetune.optim import build_optimizer, check_optimizer, warmup_cosine
+from fabric_quant.finetune.state import find_checkpoint, load_checkpoint, save_checkpoint
+from fabric_quant.models import minilm_path
+
+
+def setup(
+    model: ModelArgs = ModelArgs(),
+    quantize: str | None = "nf4-dq",
+    lora: LoRAArgs = LoRAArgs(),
+    data: DataArgs = DataArgs(),
+    train: TrainArgs = TrainArgs(),
+    eval: EvalArgs = EvalArgs(),
+    precision: Literal["bf16-true", "32-true", "16-true"] = "bf16-true",
+    accelerator: str = "auto",
+    devices: int = 1,
+    strategy: str = "auto",
+    seed: int = 42,
+    out_dir: Path = Path("runs/qlora"),
+    resume: bool | Literal["auto"] | Path = False,
+    merge: bool = True,
+    merged_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+) -> dict:
+    """Fine-tune a Hugging Face model with LoRA adapters on a frozen (quantized) base.
+
+    Args:
+        model: which model and task.
+        quantize: a bitsandbytes mode of the registry (nf4-dq = QLoRA), or null for the 16-bit LoRA baseline.
+        lora: adapter shape.
+        data: training / validation data.
+        train: batch sizes, schedule, optimizer, checkpoint interval.
+        eval: evaluation schedule.
+        precision: compute dtype of what is not quantized (Fabric precision string).
+        accelerator: cpu, cuda or auto.
+        devices: number of devices/processes (DDP with --strategy ddp).
+        strategy: Fabric strategy (auto, ddp). FSDP with a 4-bit base is not supported yet.
+        seed: seeds initialisation, data order and dropout.
+        out_dir: where checkpoints, final adapter, merged model, config and metrics go.
+        resume: false, true (the latest checkpoint must exist), auto (latest if any), or a checkpoint folder.
+        merge: write final/merged (LoRA merged into the dequantized base).
+        merged_dtype: dtype of the merged model.
+    """
+    config = {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in locals().items()}
+    _validate(quantize, strategy, train, devices)
+    compute_dtype = parse_dtype(precision)
+    kwargs = {"accelerator": accelerator, "devices": devices, "strategy": strategy, "loggers": _loggers(out_dir)}
+    if quantize is None:
+        plugin, fabric = None, Fabric(precision=precision, **kwargs)
+    else:
+        # ignore_modules (the output head by default) is filled in by main once the model is loaded
+        plugin = fq.BnbPrecision(quantize, dtype=compute_dtype)
+        fabric = Fabric(plugins=plugin, **kwargs)
+    check_optimizer(train.optimizer, fabric.device)
+    fabric.launch()
+    return main(fabric, plugin, config, model, lora, data, train, eval, seed, out_dir, resume, merge, merged_dtype)
+
+
+def _validate(quantize: str | None, strategy: str, train: TrainArgs, devices: int) -> None:
+    if quantize is not None:
+        fq.mode_spec(quantize, family="bitsandbytes")
+        if "fsdp" in strategy:
+            raise ValueError(
+                f"strategy={strategy!r} with quantize={quantize!r}: FSDP with a bitsandbytes base is not supported yet;"
+                " use strategy='ddp' (or quantize=null for 16-bit LoRA under FSDP)"
+            )
+    per_step = train.micro_batch_size * devices
+    if train.micro_batch_size < 1 or train.global_batch_size % per_step:
+        raise ValueError(
+            f"train.global_batch_size={train.global_batch_size} must be a multiple of micro_batch_size"
+            f" ({train.micro_batch_size}) x devices ({devices})"
+        )
+
+
+def main(fabric, plugin, config, model_args, lora, data, train, eval_args, seed, out_dir, resume, merge, dtype):
+    start = time.perf_counter()
+    fabric.seed_everything(seed)
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    path = model_args.path or minilm_path()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    task = model_args.task
+    train_set, val_set = fdata.load_datasets(task, data, tokenizer, train.max_seq_length, seed)
+    ckpt = find_checkpoint(out_dir, resume)
+
+    with fabric.rank_zero_first():
+        net = load_float_model(path, task, train_set.labels)
+    heads = head_names(net, task)
+    if plugin is not None:
+        plugin.ignore_modules = set(model_args.ignore_modules or heads)
+        plugin.convert_module(net)  # quantize before LoRA so the adapters themselves stay float
+        net.to(fabric.device)  # bitsandbytes quantizes on the move, on the target device
+    if train.gradient_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = add_lora(net, task, lora, heads)
+    model = fabric.setup_module(peft_model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = fabric.setup_optimizers(
+        build_optimizer(train.optimizer, params, train.lr, train.weight_decay, fabric.device)
+    )
+
+    accum = train.global_batch_size // (train.micro_batch_size * fabric.world_size)
+    micro_per_epoch = len(
+        fdata.epoch_micro_batches(len(train_set), train.micro_batch_size, seed, 0, 0, fabric.world_size)
+    )
+    steps_per_epoch = micro_per_epoch // accum
+    if steps_per_epoch == 0:
+        raise ValueError(
+            f"{len(train_set)} training examples do not fill one global batch of {train.global_batch_size}"
+        )
+    total_steps = train.max_steps or train.epochs * steps_per_epoch
+    scheduler = warmup_cosine(optimizer, train.warmup_steps, total_steps, train.min_lr / train.lr if train.lr else 0)
+
+    step = load_checkpoint(fabric, ckpt, peft_model, optimizer, scheduler) if ckpt else 0
+    if fabric.global_rank == 0:
+        atomic_write_bytes(out_dir / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False).encode())
+    fabric.print(
+        f"{len(train_set)} train / {len(val_set)} val examples; {total_steps} steps of {train.global_batch_size}"
+        f"; trainable params {sum(p.numel() for p in params):,}" + (f"; resumed at step {step}" if step else "")
+    )
+
+    pad = tokenizer.pad_token_id
+    metrics = (
+        {"initial_eval": validate(fabric, model, val_set, train.micro_batch_size, pad, task)}
+        if (eval_args.initial and step == 0)
+        else {}
+    )
+    losses, examples, tokens, train_time = [], 0, 0, 0.0
+    bar = tqdm(total=total_steps, initial=step, desc="train", disable=fabric.global_rank != 0, dynamic_ncols=True)
+    while step < total_steps:
+        t0 = time.perf_counter()
+        epoch, in_epoch = divmod(step, steps_per_epoch)
+        batches = fdata.epoch_micro_batches(
+            len(train_set), train.micro_batch_size, seed, epoch, fabric.global_rank, fabric.world_size
+        )[in_epoch * accum : (in_epoch + 1) * accum]
+        step_loss = torch.zeros((), device=fabric.device)
+        model.train()
+        for i, idx in enumerate(batches):
+            batch = fabric.to_device(fdata.collate([train_set.examples[j] for j in idx], pad, task))
+            with fabric.no_backward_sync(model, enabled=i < accum - 1):
+                loss = model(**batch).loss.float() / accum
+                fabric.backward(loss)
+            step_loss += loss.detach()
+            examples += len(idx)
+            tokens += int(batch["attention_mask"].sum())
+        if train.max_grad_norm:
+            fabric.clip_gradients(model, optimizer, max_norm=train.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        train_time += time.perf_counter() - t0
+        losses.append(fabric.all_reduce(step_loss, reduce_op="mean").item())
+        bar.update(1)
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", ex_per_s=f"{examples * fabric.world_size / train_time:.1f}")
+        if step % train.log_interval == 0 or step == total_steps:
+            fabric.log_dict({"train_loss": losses[-1], "lr": scheduler.get_last_lr()[0]}, step=step)
+        if eval_args.interval and step % eval_args.interval == 0 and step < total_steps:
+            fabric.log_dict(
+                {f"val_{k}": v for k, v in validate(fabric, model, val_set, train.micro_batch_size, pad, task).items()},
+                step=step,
+            )
+        if train.save_interval and step % train.save_interval == 0:
+            save_checkpoint(fabric, out_dir / "checkpoints", step, peft_model, optimizer, scheduler)
+    bar.close()
+
+    final_eval = validate(fabric, model, val_set, train.micro_batch_size, pad, task)
+    fabric.log_dict({f"val_{k}": v for k, v in final_eval.items()}, step=step)
+    save_checkpoint(fabric, out_dir / "checkpoints", step, peft_model, optimizer, scheduler)
+    metrics.update({
+        "final_train_loss": losses[-1] if losses else None,
+        "final_eval": final_eval,
+        "steps": step,
+        "resumed_from_step": int(ckpt.name.split("-")[-1]) if ckpt else None,
+        "quantize": plugin.mode if plugin else None,
+        "peak_memory_mb": _peak_memory_mb(fabric.device),
+        "throughput_examples_per_s": examples * fabric.world_size / train_time if train_time else None,
+        "throughput_tokens_per_s": tokens * fabric.world_size / train_time if train_time else None,
+        "train_time_s": train_time,
+        "wall_time_s": time.perf_counter() - start,
+        "footprint": fq.footprint(model).summary(),
+    })  # fmt: skip
+    if fabric.global_rank == 0:
+        final = out_dir / "final"
+        adapter = save_dir_atomically(final / "adapter", lambda tmp: peft_model.save_pretrained(tmp))
+        tokenizer.save_pretrained(adapter)
+        metrics["adapter_dir"] = str(adapter)
+        if merge:
+            merged_dir = final / "merged"
+            save_merged(peft_model, path, task, train_set.labels, adapter, merged_dir, getattr(torch, dtype))
+            tokenizer.save_pretrained(merged_dir)
+            metrics["merged_dir"] = str(merged_dir)
+        atomic_write_bytes(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+        for lg in fabric.loggers:
+            lg.finalize("success")
+        print(json.dumps({k: metrics[k] for k in ("initial_eval", "final_eval", "final_train_loss") if k in metrics}))
+        print(f"adapter: {metrics['adapter_dir']}" + (f"  merged model: {metrics['merged_dir']}" if merge else ""))
+    fabric.barrier()
+    return metrics
+
+
+@torch.no_grad()
+def validate(fabric, model, dataset, micro: int, pad: int, task: str) -> dict[str, float]:
+    """Loss and accuracy (classification) or loss and perplexity (causal-lm), summed over all ranks."""
+    model.eval()
+    totals = torch.zeros(3, device=fabric.device, dtype=torch.float64)  # loss sum, correct, count
+    for idx in fdata.eval_batches(len(dataset), micro, fabric.global_rank, fabric.world_size):
+        batch = fabric.to_device(fdata.collate([dataset.examples[j] for j in idx], pad, task))
+        out = model(**batch)
+        if task == "sequence-classification":
+            count = len(idx)
+            totals[1] += (out.logits.argmax(-1) == batch["labels"]).sum()
+        else:
+            count = int((batch["labels"][:, 1:] != fdata.IGNORE_INDEX).sum())
+        totals[0] += out.loss.double() * count
+        totals[2] += count
+    totals = fabric.all_reduce(totals, reduce_op="sum")
+    model.train()
+    loss = (totals[0] / totals[2]).item()
+    if task == "sequence-classification":
+        return {"loss": loss, "accuracy": (totals[1] / totals[2]).item()}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+
+
+def _loggers(out_dir: Path) -> list:
+    loggers = [CSVLogger(out_dir / "logs", name="csv", version="")]
+    try:
+        from lightning.fabric.loggers import TensorBoardLogger
+
+        loggers.append(TensorBoardLogger(out_dir / "logs", name="tensorboard", version=""))
+    except ModuleNotFoundError:  # tensorboard not installed: CSV only
+        pass
+    return loggers
+
+
+def _peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    # ru_maxrss: peak resident set size of this process, in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _plain(value):
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return str(value) if isinstance(value, Path) else value
+
+
+if __name__ == "__main__":
+    CLI(setup, as_positional=False)

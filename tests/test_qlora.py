@@ -1,0 +1,248 @@
+"""The QLoRA recipe end to end on tiny models built from transformers configs (CPU)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import qlora  # noqa: E402
+
+from fabric_quant.data import topic_paragraphs  # noqa: E402
+from fabric_quant.finetune.args import DataArgs, EvalArgs, LoRAArgs, ModelArgs, TrainArgs  # noqa: E402
+from fabric_quant.finetune.model import load_float_model  # noqa: E402
+
+
+def write_jsonl(path: Path, records: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture
+def cls_data(tmp_path):
+    pairs = topic_paragraphs()
+    records = []
+    for label in ("compound", "types"):
+        records += [{"text": t, "label": label} for topic, t in pairs if topic == label][:24]
+    return write_jsonl(tmp_path / "cls.jsonl", records)
+
+
+@pytest.fixture
+def instruction_data(tmp_path):
+    records = [
+        {"instruction": f"Name the topic of paragraph {i}.", "input": text[:80], "output": topic}
+        for i, (topic, text) in enumerate(topic_paragraphs()[:24])
+    ]
+    records[1].pop("input")  # the no-input prompt variant
+    return write_jsonl(tmp_path / "inst.jsonl", records)
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from fabric_quant.models import minilm_path
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    path = tmp_path / "tiny-llama"
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def run(model_dir, out_dir, task="sequence-classification", train_path=None, quantize="nf4-dq", **train_kw):
+    train = {"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 6, "max_seq_length": 32, "lr": 5e-3,
+             "warmup_steps": 1, "save_interval": 3, "log_interval": 1, **train_kw}  # fmt: skip
+    return qlora.setup(
+        model=ModelArgs(path=model_dir, task=task),
+        quantize=quantize,
+        lora=LoRAArgs(r=4, alpha=8, dropout=0.0),
+        data=DataArgs(train_path=train_path, val_fraction=0.25),
+        train=TrainArgs(**train),
+        eval=EvalArgs(interval=3),
+        precision="32-true",
+        accelerator="cpu",
+        out_dir=out_dir,
+    )
+
+
+def adapter_model(model_dir, out_dir, task, labels, mode="nf4-dq"):
+    """The trained adapter reloaded (PEFT format) onto a freshly quantized base, as a user would."""
+    from peft import PeftModel
+
+    import fabric_quant as fq
+
+    base = load_float_model(model_dir, task, labels)
+    heads = ["classifier"] if task == "sequence-classification" else ["lm_head"]
+    fq.BnbPrecision(mode, dtype=torch.float32, ignore_modules=heads).convert_module(base)
+    base.to("cpu")
+    return PeftModel.from_pretrained(base, out_dir / "final" / "adapter").eval()
+
+
+def test_classification_end_to_end(tiny_bert_with_tokenizer, cls_data, tmp_path):
+    from transformers import AutoModelForSequenceClassification
+
+    out = tmp_path / "run"
+    metrics = run(tiny_bert_with_tokenizer, out, train_path=cls_data)
+    assert metrics["steps"] == 6 and metrics["quantize"] == "nf4-dq"
+    assert 0 <= metrics["final_eval"]["accuracy"] <= 1 and metrics["final_train_loss"] > 0
+    assert metrics["peak_memory_mb"] > 0 and metrics["throughput_examples_per_s"] > 0
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["final_eval"] == metrics["final_eval"] and saved["initial_eval"]["accuracy"] >= 0
+    assert (out / "config.yaml").read_text().startswith("model:")
+    assert (out / "logs" / "csv" / "metrics.csv").read_text().count("\n") > 3
+    assert (out / "checkpoints" / "step-000003" / "adapter" / "adapter_config.json").is_file()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (out / "final" / "adapter" / name).is_file()
+
+    # merged: LoRA merged into the dequantized base, plain transformers, reproduces the adapter model
+    merged = AutoModelForSequenceClassification.from_pretrained(out / "final" / "merged").eval()
+    assert merged.config.id2label == {0: "compound", 1: "types"}
+    reloaded = adapter_model(tiny_bert_with_tokenizer, out, "sequence-classification", ["compound", "types"])
+    ids = torch.randint(1000, 2000, (3, 20))
+    with torch.no_grad():
+        expected = reloaded(input_ids=ids).logits
+        assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
+        # and the adapter did change the model: the untrained base + fresh head differs
+        assert not torch.allclose(merged(input_ids=ids).logits, expected + 1e-2, atol=1e-3)
+
+
+def test_causal_lm_instruction_end_to_end(tiny_llama_dir, instruction_data, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "run"
+    metrics = run(tiny_llama_dir, out, task="causal-lm", train_path=instruction_data, max_seq_length=128)
+    assert metrics["final_eval"]["perplexity"] > 1
+    merged = AutoModelForCausalLM.from_pretrained(out / "final" / "merged").eval()
+    reloaded = adapter_model(tiny_llama_dir, out, "causal-lm", None)
+    ids = torch.randint(1000, 2000, (2, 16))
+    with torch.no_grad():
+        assert torch.allclose(merged(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-4)
+
+
+def test_prompt_tokens_are_masked_from_the_loss(instruction_data):
+    from transformers import AutoTokenizer
+
+    from fabric_quant.finetune import data as fdata
+    from fabric_quant.models import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    ds = fdata.encode_instruction(fdata.read_jsonl(instruction_data, {"instruction": str, "output": str}), tok, 512)
+    example = ds.examples[0]
+    n_masked = sum(1 for label in example["labels"] if label == fdata.IGNORE_INDEX)
+    assert 0 < n_masked < len(example["input_ids"])
+    target = tok.decode([t for t in example["labels"] if t != fdata.IGNORE_INDEX])
+    assert target.split()[0] == "assert"  # the output field (the topic), nothing of the prompt
+
+
+def _cli(*args, **kwargs):
+    return subprocess.Popen([sys.executable, str(ROOT / "recipes" / "qlora.py"), *args], **kwargs)
+
+
+def _cli_args(model_dir, data, out, *extra):
+    return ["--model.path", str(model_dir), "--data.train_path", str(data), "--out_dir", str(out),
+            "--precision", "32-true", "--accelerator", "cpu", "--lora.dropout", "0.1", "--lora.r", "4",
+            "--train.micro_batch_size", "4", "--train.global_batch_size", "8", "--train.max_seq_length", "32",
+            "--train.lr", "0.005", "--train.warmup_steps", "1", "--train.max_steps", "10", "--train.save_interval", "2",
+            "--eval.interval", "null", "--eval.initial", "false", "--merge", "false", *extra]  # fmt: skip
+
+
+def test_sigkill_and_resume_ends_like_an_uninterrupted_run(tiny_bert_with_tokenizer, cls_data, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in every run: bitwise-stable CPU kernels
+    full = tmp_path / "full"
+    assert _cli(*_cli_args(tiny_bert_with_tokenizer, cls_data, full), env=env).wait() == 0
+
+    killed = tmp_path / "killed"
+    proc = _cli(*_cli_args(tiny_bert_with_tokenizer, cls_data, killed), env=env, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)  # fmt: skip
+    pointer = killed / "checkpoints" / "latest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (pointer.exists() and json.loads(pointer.read_text())["step"] >= 4):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    resumed_from = json.loads(pointer.read_text())["step"]
+    assert 4 <= resumed_from < 10, "the run should be killed mid-way"
+    assert not (killed / "metrics.json").exists()
+
+    assert _cli(*_cli_args(tiny_bert_with_tokenizer, cls_data, killed, "--resume", "auto"), env=env).wait() == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, killed))
+    assert b["resumed_from_step"] >= resumed_from and b["steps"] == a["steps"] == 10
+    assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-5)
+    wa = load_file(full / "checkpoints" / "step-000010" / "trainable.safetensors")
+    wb = load_file(killed / "checkpoints" / "step-000010" / "trainable.safetensors")
+    for key in wa:
+        assert torch.allclose(wa[key], wb[key], atol=1e-6), key
+
+
+def test_ddp_two_cpu_processes_with_4bit_base(tiny_bert_with_tokenizer, cls_data, tmp_path):
+    out = tmp_path / "ddp"
+    args = _cli_args(tiny_bert_with_tokenizer, cls_data, out, "--devices", "2", "--strategy", "ddp",
+                     "--train.max_steps", "4", "--merge", "true")  # fmt: skip
+    proc = _cli(*args, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    output = proc.communicate(timeout=300)[0].decode()
+    assert proc.returncode == 0, output[-3000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["steps"] == 4 and metrics["final_eval"]["accuracy"] >= 0
+    assert (out / "final" / "merged" / "model.safetensors").is_file()
+    state = torch.load(out / "checkpoints" / "step-000004" / "training_state.pt", weights_only=True)
+    assert state["rng"].shape[0] == 2  # both ranks' RNG saved for an exact resume
+
+
+def test_malformed_jsonl_names_file_and_line(tmp_path, tiny_bert_with_tokenizer):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a", "label": "x"}\n{"text": "b", "label": "y"}\n{"text": oops}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:3: not valid JSON"):
+        run(tiny_bert_with_tokenizer, tmp_path / "out", train_path=bad)
+    bad.write_text('{"text": "a", "label": "x"}\n{"txt": "b", "label": "y"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: field 'text' must be str \(got missing\)"):
+        run(tiny_bert_with_tokenizer, tmp_path / "out", train_path=bad)
+    bad.write_text('["a", "x"]\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:1: expected a JSON object, got list"):
+        run(tiny_bert_with_tokenizer, tmp_path / "out", train_path=bad)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"quantize": "nf5"}, ValueError, r"Unknown bitsandbytes mode 'nf5'. Valid choices: int8, int8-training"),
+        ({"global_batch_size": 6}, ValueError, r"global_batch_size=6 must be a multiple of micro_batch_size \(4\)"),
+        ({"optimizer": "paged_adamw"}, ValueError, r"'paged_adamw' pages its state through CUDA"),
+    ],
+)
+def test_bad_options(kwargs, error, match, tiny_bert_with_tokenizer, cls_data, tmp_path):
+    quantize = kwargs.pop("quantize", "nf4-dq")
+    with pytest.raises(error, match=match):
+        run(tiny_bert_with_tokenizer, tmp_path / "out", train_path=cls_data, quantize=quantize, **kwargs)
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_fsdp_with_a_4bit_base_is_refused_clearly(tmp_path):
+    with pytest.raises(ValueError, match=r"strategy='fsdp' with quantize='nf4-dq': FSDP with a bitsandbytes base"):
+        qlora.setup(strategy="fsdp", out_dir=tmp_path)
+
+
+def test_resume_true_without_checkpoint(tiny_bert_with_tokenizer, cls_data, tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"resume=True but .*latest.json does not exist"):
+        qlora.setup(model=ModelArgs(path=tiny_bert_with_tokenizer), data=DataArgs(train_path=cls_data),
+                    accelerator="cpu", out_dir=tmp_path / "o", resume=True)  # fmt: skip
+
+
+def test_16bit_lora_baseline_runs(tiny_bert_with_tokenizer, cls_data, tmp_path):
+    metrics = run(tiny_bert_with_tokenizer, tmp_path / "lora16", train_path=cls_data, quantize=None, max_steps=3)
+    assert metrics["quantize"] is None and metrics["footprint"]["quantized_mb"] == 0
