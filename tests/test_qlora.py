@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_tiny_model
 from safetensors.torch import load_file
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,20 +49,12 @@ def instruction_data(tmp_path):
 
 @pytest.fixture
 def tiny_llama_dir(tmp_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fabric_quant.models import minilm_path
-
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    config = LlamaConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
+    return save_tiny_model(
+        tmp_path / "tiny-llama", LlamaForCausalLM, LlamaConfig, hidden_size=32, intermediate_size=64,
+        num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
     )  # fmt: skip
-    torch.manual_seed(0)
-    path = tmp_path / "tiny-llama"
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
 
 
 def run(model_dir, out_dir, task="sequence-classification", train_path=None, quantize="nf4-dq", **train_kw):
