@@ -22,7 +22,7 @@ import qlora  # noqa: E402
 from fabric_quant.report import machine_name, write_report  # noqa: E402
 
 CONFIG = ROOT / "configs" / "qlora" / "minilm-pydoc-nf4dq.yaml"
-COLUMNS = ("quantize", "seed", "untrained_acc", "final_acc", "final_val_loss", "train_time_s", "peak_memory_mb")
+COLUMNS = ("quantize", "seed", "untrained_acc", "final_acc", "final_val_loss")
 
 
 def run(quantize: str | None, seed: int, out_root: Path) -> dict:
@@ -38,7 +38,6 @@ def run(quantize: str | None, seed: int, out_root: Path) -> dict:
     return {
         "quantize": quantize or "none (bf16 LoRA)", "seed": seed, "untrained_acc": m["initial_eval"]["accuracy"],
         "final_acc": m["final_eval"]["accuracy"], "final_val_loss": m["final_eval"]["loss"],
-        "train_time_s": m["train_time_s"], "peak_memory_mb": m["peak_memory_mb"],
     }  # fmt: skip
 
 

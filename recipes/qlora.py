@@ -203,7 +203,8 @@ def main(fabric, plugin, config, model_args, lora, data, train, eval_args, seed,
 
     final_eval = validate(fabric, model, val_set, train.micro_batch_size, pad, task)
     fabric.log_dict({f"val_{k}": v for k, v in final_eval.items()}, step=step)
-    save_checkpoint(fabric, out_dir / "checkpoints", step, peft_model, optimizer, scheduler)
+    if not (train.save_interval and step % train.save_interval == 0):  # else the loop just saved this step
+        save_checkpoint(fabric, out_dir / "checkpoints", step, peft_model, optimizer, scheduler)
     metrics.update({
         "final_train_loss": losses[-1] if losses else None,
         "final_eval": final_eval,
