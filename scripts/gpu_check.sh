@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One go on a CUDA machine: the CUDA-marked tests, then the GPU footprint/latency check.
+# One go on a CUDA machine: the CUDA-marked tests, the GPU footprint/latency check of every mode, and the
+# QLoRA vs 16-bit LoRA vs transformers+peft memory/step-time comparison on a ~1.2B Llama-shaped model.
 #   bash scripts/gpu_check.sh [WHEEL_DIR]
 # WHEEL_DIR (optional) holds wheels of what the GPU image lacks (bitsandbytes, jsonargparse); they are installed
 # without touching the image's own torch.
@@ -12,3 +13,4 @@ python -m pip install -q --no-deps -e .
 nvidia-smi --query-gpu=name,memory.total --format=csv
 python -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py
 python benchmarks/gpu_check.py
+python benchmarks/qlora_resources.py --model llama-1b --accelerator cuda --steps 20

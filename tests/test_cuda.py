@@ -57,3 +57,22 @@ def test_init_module_does_not_materialize_float_weights_on_gpu():
     bf16_bytes = 8 * 4096 * 4096 * 2
     assert all(layer.is_quantized() for layer in layers)
     assert peak < 0.45 * bf16_bytes, f"peak {peak / 1e6:.0f} MB vs bf16 model {bf16_bytes / 1e6:.0f} MB"
+
+
+def test_qlora_recipe_on_gpu(tiny_bert_with_tokenizer, tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import qlora
+
+    from fabric_quant.finetune.args import EvalArgs, ModelArgs, TrainArgs
+
+    metrics = qlora.setup(
+        model=ModelArgs(path=tiny_bert_with_tokenizer), accelerator="cuda", out_dir=tmp_path / "run",
+        train=TrainArgs(micro_batch_size=8, global_batch_size=16, max_steps=4, max_seq_length=32, save_interval=2,
+                        optimizer="paged_adamw8bit"),
+        eval=EvalArgs(interval=None),
+    )  # fmt: skip
+    assert metrics["steps"] == 4 and metrics["peak_memory_mb"] > 0
+    assert (tmp_path / "run" / "final" / "merged" / "config.json").is_file()
