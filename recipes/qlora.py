@@ -95,7 +95,7 @@ def _validate(quantize: str | None, strategy: str, train: TrainArgs, devices: in
         if "fsdp" in strategy:
             raise ValueError(
                 f"strategy={strategy!r} with quantize={quantize!r}: FSDP with a bitsandbytes base is not supported yet;"
-                " use strategy='ddp' (or quantize=null for 16-bit LoRA under FSDP)"
+                " use strategy='ddp', which keeps the 4-bit base on every device"
             )
     per_step = train.micro_batch_size * devices
     if train.micro_batch_size < 1 or train.global_batch_size % per_step:

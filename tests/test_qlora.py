@@ -239,3 +239,19 @@ def test_resume_true_without_checkpoint(tiny_bert_with_tokenizer, cls_data, tmp_
 def test_16bit_lora_baseline_runs(tiny_bert_with_tokenizer, cls_data, tmp_path):
     metrics = run(tiny_bert_with_tokenizer, tmp_path / "lora16", train_path=cls_data, quantize=None, max_steps=3)
     assert metrics["quantize"] is None and metrics["footprint"]["quantized_mb"] == 0
+
+
+def test_bnb_8bit_adamw_trains_on_cpu(tiny_bert_with_tokenizer, cls_data, tmp_path):
+    metrics = run(tiny_bert_with_tokenizer, tmp_path / "o", train_path=cls_data, optimizer="adamw8bit", max_steps=3)
+    assert metrics["steps"] == 3 and metrics["final_train_loss"] == metrics["final_train_loss"]  # not NaN
+
+
+def test_cli_help_and_print_config():
+    config = ROOT / "configs" / "qlora" / "minilm-pydoc-nf4dq.yaml"
+    for args in (["--help"], ["--config", str(config), "--train.max_steps", "7", "--print_config"]):
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "recipes" / "qlora.py"), *args], capture_output=True, text=True
+        )
+        assert out.returncode == 0, out.stderr[-2000:]
+        assert "train" in out.stdout and "quantize" in out.stdout
+    assert "max_steps: 7" in out.stdout and "quantize: nf4-dq" in out.stdout

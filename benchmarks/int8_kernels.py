@@ -1,0 +1,95 @@
+"""Which CPU kernel is fastest for a Linear at all-MiniLM-L6-v2's shapes? (groundwork for the PTQ issue)
+
+    python benchmarks/int8_kernels.py      # writes benchmarks/results/int8_kernels.{md,csv}
+
+Per shape (tokens x in -> out), median wall time of: fp32 `F.linear`, bf16 `F.linear` (AMX-BF16 on this Xeon),
+oneDNN int8 (`torch.ops.onednn.qlinear_pointwise`, AMX-INT8: per-channel symmetric int8 weights prepacked once,
+activations quantized per call, symmetric per-tensor, fp32 and bf16 output), `torch._int_mm` on pre-quantized
+int8 activations (kernel alone, no quantization or rescale), and the activation quantization alone. Relative
+error of each int8 output against fp32 is reported too. All of these are maintained torch core ops (none is in
+the deprecated torch.ao.quantization).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from jsonargparse import CLI
+
+from fabric_quant.report import machine_name, write_report
+
+SHAPES = [(128, 384, 384), (128, 384, 1536), (128, 1536, 384), (1024, 384, 1536), (1024, 1536, 384), (1, 2048, 2048)]
+KERNELS = ("fp32", "bf16", "onednn_int8_f32out", "onednn_int8_bf16out", "int_mm_kernel_only", "act_quant_only")
+
+
+def _median_ms(fn, repeats: int) -> float:
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def measure(m: int, k: int, n: int, repeats: int) -> dict:
+    torch.manual_seed(0)
+    x, w, bias = torch.randn(m, k), torch.randn(n, k) * 0.02, torch.zeros(n)
+    w_scale = w.abs().amax(1) / 127
+    w_q = torch.round(w / w_scale[:, None]).to(torch.int8)
+    packed = torch.ops.onednn.qlinear_prepack(w_q, [m, k])
+    zeros = torch.zeros(n, dtype=torch.long)
+
+    def quant():
+        scale = float(x.abs().amax()) / 127
+        return torch.clamp(torch.round(x / scale), -127, 127).to(torch.int8), scale
+
+    def onednn(out_dtype):
+        def run():
+            x_q, scale = quant()
+            return torch.ops.onednn.qlinear_pointwise(
+                x_q, scale, 0, packed, w_scale, zeros, bias, 1.0, 0, out_dtype, "none", [], ""
+            )
+
+        return run
+
+    x_q = quant()[0]
+    x_mm = torch.cat([x_q, x_q.new_zeros(max(0, 17 - m), k)]) if m <= 16 else x_q  # _int_mm needs > 16 rows
+    xb, wb = x.bfloat16(), w.bfloat16()
+    row = {"shape": f"{m}x{k}->{n}"}
+    with torch.inference_mode():
+        ref = torch.nn.functional.linear(x, w, bias)
+        fns = {
+            "fp32": lambda: torch.nn.functional.linear(x, w, bias),
+            "bf16": lambda: torch.nn.functional.linear(xb, wb),
+            "onednn_int8_f32out": onednn(torch.float32),
+            "onednn_int8_bf16out": onednn(torch.bfloat16),
+            "int_mm_kernel_only": lambda: torch._int_mm(x_mm, w_q.t()),
+            "act_quant_only": quant,
+        }
+        for name, fn in fns.items():
+            row[f"{name}_ms"] = _median_ms(fn, repeats)
+        row["onednn_int8_rel_err"] = ((onednn(torch.float32)() - ref).norm() / ref.norm()).item()
+    row["bf16_speedup"] = row["fp32_ms"] / row["bf16_ms"]
+    row["onednn_int8_speedup"] = row["fp32_ms"] / row["onednn_int8_bf16out_ms"]
+    return row
+
+
+def main(repeats: int = 50, threads: int = 2, out_dir: Path = Path("benchmarks/results")) -> None:
+    torch.set_num_threads(threads)
+    rows = [measure(m, k, n, repeats) for m, k, n in SHAPES]
+    columns = ["shape", *(f"{k}_ms" for k in KERNELS), "bf16_speedup", "onednn_int8_speedup", "onednn_int8_rel_err"]
+    header = (
+        f"# Linear kernels on {machine_name()}\n\nCommand: `python benchmarks/int8_kernels.py`; torch"
+        f" {torch.__version__}, {threads} threads, median of {repeats}. Speedups are fp32 time / kernel time in"
+        " the same run (int8 with bf16 output, activation quantization included)."
+    )
+    print(write_report(rows, columns, out_dir, "int8_kernels", header)["markdown"].read_text())
+
+
+if __name__ == "__main__":
+    CLI(main, as_positional=False)
