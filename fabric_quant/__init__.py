@@ -1,5 +1,6 @@
 """fabric-quant: quantization for Lightning Fabric that runs on CPU and CUDA."""
 
+from fabric_quant._bnb import quiet_bitsandbytes_logs
 from fabric_quant.checkpoint import dequantized_state_dict, load_quantized, save_dequantized, save_quantized
 from fabric_quant.footprint import Footprint, footprint
 from fabric_quant.plugins import BnbPrecision
@@ -19,3 +20,5 @@ __all__ = [
     "save_quantized",
 ]
 __version__ = "0.1.0"
+
+quiet_bitsandbytes_logs()

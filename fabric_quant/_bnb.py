@@ -8,19 +8,25 @@ import os
 from types import ModuleType
 
 
+def quiet_bitsandbytes_logs() -> None:
+    """Filter two bitsandbytes log lines that are not user errors; every other bitsandbytes message still shows.
+
+    Installed when fabric_quant is imported, because transformers or peft may import bitsandbytes first.
+    """
+    # The optional `kernels` package (a hub download) is missing: bitsandbytes then uses its own CPU kernel.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        lambda record: "kernels-community" not in record.getMessage()
+    )
+    # LLM.int8() quantizes activations from fp16 by design; bitsandbytes logs this on every call.
+    logging.getLogger("bitsandbytes.autograd._functions").addFilter(
+        lambda record: "to float16 during quantization" not in record.getMessage()
+    )
+
+
 @functools.lru_cache(maxsize=1)
 def import_bitsandbytes() -> ModuleType:
     try:
         os.environ.setdefault("BITSANDBYTES_NOWELCOME", "1")
-        # bitsandbytes warns when the optional `kernels` package (a hub download) is missing and then uses its
-        # own CPU kernel, so that one message is noise; every other bitsandbytes message still shows.
-        logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
-            lambda record: "kernels-community" not in record.getMessage()
-        )
-        # LLM.int8() quantizes activations from fp16 by design; bitsandbytes logs this on every call.
-        logging.getLogger("bitsandbytes.autograd._functions").addFilter(
-            lambda record: "to float16 during quantization" not in record.getMessage()
-        )
         import bitsandbytes
     except ImportError as err:
         raise ModuleNotFoundError(

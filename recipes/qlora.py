@@ -231,8 +231,7 @@ def main(fabric, plugin, config, model_args, lora, data, train, eval_args, seed,
         atomic_write_bytes(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
         for lg in fabric.loggers:
             lg.finalize("success")
-        print(json.dumps({k: metrics[k] for k in ("initial_eval", "final_eval", "final_train_loss") if k in metrics}))
-        print(f"adapter: {metrics['adapter_dir']}" + (f"  merged model: {metrics['merged_dir']}" if merge else ""))
+        _print_summary(metrics, out_dir)
     fabric.barrier()
     return metrics
 
@@ -258,6 +257,20 @@ def validate(fabric, model, dataset, micro: int, pad: int, task: str) -> dict[st
     if task == "sequence-classification":
         return {"loss": loss, "accuracy": (totals[1] / totals[2]).item()}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+
+
+def _print_summary(metrics: dict, out_dir: Path) -> None:
+    def fmt(ev: dict) -> str:
+        return "  ".join(f"{k} {v:.4f}" if k != "accuracy" else f"accuracy {100 * v:.1f} %" for k, v in ev.items())
+
+    if "initial_eval" in metrics:
+        print(f"eval before training: {fmt(metrics['initial_eval'])}")
+    loss = metrics["final_train_loss"]
+    print(f"eval after {metrics['steps']} steps: {fmt(metrics['final_eval'])}  (train loss {loss:.4f})")
+    print(f"adapter (PEFT):  {metrics['adapter_dir']}")
+    if "merged_dir" in metrics:
+        print(f"merged model:    {metrics['merged_dir']}")
+    print(f"metrics, config: {out_dir / 'metrics.json'}, {out_dir / 'config.yaml'}")
 
 
 def _loggers(out_dir: Path) -> list:
