@@ -3,12 +3,13 @@
 from fabric_quant._bnb import quiet_bitsandbytes_logs
 from fabric_quant.checkpoint import dequantized_state_dict, load_quantized, save_dequantized, save_quantized
 from fabric_quant.footprint import Footprint, footprint
-from fabric_quant.plugins import BnbPrecision
+from fabric_quant.plugins import BnbPrecision, QATPrecision
 from fabric_quant.registry import available_modes, mode_spec, precision_plugin, register_mode
 
 __all__ = [
     "BnbPrecision",
     "Footprint",
+    "QATPrecision",
     "available_modes",
     "dequantized_state_dict",
     "footprint",

@@ -1,5 +1,6 @@
 """Fabric precision plugins; importing this package registers every mode in the registry."""
 
 from fabric_quant.plugins.bnb import BnbPrecision
+from fabric_quant.plugins.qat import QATPrecision
 
-__all__ = ["BnbPrecision"]
+__all__ = ["BnbPrecision", "QATPrecision"]
