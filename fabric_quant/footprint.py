@@ -106,7 +106,7 @@ def footprint(model: torch.nn.Module) -> Footprint:
         storage = module.weight_storage() if isinstance(module, QuantizedLinear) else None
         if not tensors and storage is None:
             continue
-        plain = [t for key, t in tensors if not (storage is not None and key == "weight")]
+        plain = [t for key, t in tensors if not (storage is not None and key in module.storage_keys)]
         numel = sum(t.numel() for t in plain) + (storage.numel if storage else 0)
         nbytes = sum(_nbytes(t) for t in plain)
         if storage is None:

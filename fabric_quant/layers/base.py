@@ -28,6 +28,8 @@ class QuantizedLinear:
     """Mixin for Linear layers whose weight is stored quantized."""
 
     fq_mode: str = ""
+    storage_keys: tuple[str, ...] = ("weight",)
+    """Names of the parameters/buffers that :meth:`weight_storage` accounts for."""
 
     def is_quantized(self) -> bool:
         raise NotImplementedError

@@ -124,6 +124,13 @@ class QATPrecision(Precision):
             if isinstance(m, QATConvBn2d):
                 m.freeze_bn()
 
+    @staticmethod
+    def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
+        """The deployable model with real int8 / packed int4 weights (see :func:`fabric_quant.qat.convert`)."""
+        from fabric_quant.qat.convert import convert
+
+        return convert(module, inplace=inplace)
+
     def __repr__(self) -> str:
         return f"QATPrecision(mode={self.mode!r}, config={self.config})"
 
