@@ -9,10 +9,11 @@ from jsonargparse import ArgumentParser
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 
+import qat  # noqa: E402
 import qlora  # noqa: E402
 import quantize_modes  # noqa: E402
 
-RECIPES = {"qlora": qlora.setup, "modes": quantize_modes.setup}
+RECIPES = {"qlora": qlora.setup, "modes": quantize_modes.setup, "qat": qat.setup}
 CONFIGS = sorted((ROOT / "configs").glob("*/*.yaml"))
 
 

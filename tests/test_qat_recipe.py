@@ -1,0 +1,36 @@
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+
+import qat  # noqa: E402
+
+
+def test_digits_recipe_end_to_end(tmp_path):
+    rows = qat.setup(task="digits-cnn", float_epochs=2, qat_epochs=1, repeats=2, out_dir=tmp_path)
+    by = {r["model"]: r for r in rows}
+    assert list(by) == ["fp32", "PTQ qat-int8-static", "QAT qat-int8-static (fake-quant)",
+                        "QAT qat-int8-static (converted)"]  # fmt: skip
+    assert by["fp32"]["accuracy"] > 0.8
+    assert by["QAT qat-int8-static (converted)"]["agreement_with_qat"] >= 0.99
+    assert by["QAT qat-int8-static (converted)"]["size_ratio"] > 3.5
+    for suffix in ("md", "csv", "png"):
+        assert (tmp_path / f"qat_results.{suffix}").stat().st_size > 0
+
+
+def test_pydoc_minilm_recipe_on_a_tiny_bert(tiny_bert_with_tokenizer, tmp_path):
+    rows = qat.setup(task="pydoc-minilm", mode="qat-int8", model_path=tiny_bert_with_tokenizer, float_epochs=1,
+                     qat_epochs=1, batch_size=32, max_seq_length=32, repeats=2, out_dir=tmp_path)  # fmt: skip
+    converted = rows[-1]
+    assert converted["model"] == "QAT qat-int8 (converted)" and converted["agreement_with_qat"] >= 0.99
+
+
+def test_bad_mode_and_options_are_refused_before_work(tmp_path):
+    with pytest.raises(ValueError, match=r"Unknown qat mode 'nf4'. Valid choices: qat-int8"):
+        qat.setup(mode="nf4", out_dir=tmp_path / "o")
+    with pytest.raises(ValueError, match=r"weight_bits=2 is not supported"):
+        qat.setup(options={"weight_bits": 2}, out_dir=tmp_path / "o")
+    assert not (tmp_path / "o").exists()
