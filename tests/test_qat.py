@@ -214,3 +214,51 @@ def test_conv2d_swap_outside_sequential_keeps_parameters():
     model = torch.nn.ModuleDict({"c": conv})
     fq.precision_plugin("qat-int8").convert_module(model)
     assert isinstance(model["c"], QATConv2d) and model["c"].weight is conv.weight
+
+
+DDP_SCRIPT = """
+import json, sys, torch
+from lightning.fabric import Fabric
+import fabric_quant as fq
+sys.path.insert(0, {tests!r})
+from test_qat import tiny_cnn
+from sklearn.datasets import load_digits
+
+plugin = fq.precision_plugin("qat-int8-static", freeze_bn_step=6, freeze_observer_step=8)
+fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp", plugins=plugin)
+fabric.launch()
+d = load_digits()
+x = torch.tensor(d.images[:256], dtype=torch.float32).unsqueeze(1) / 16
+y = torch.tensor(d.target[:256])
+shard = slice(fabric.global_rank, None, fabric.world_size)
+model = fabric.setup_module(tiny_cnn())
+opt = fabric.setup_optimizers(torch.optim.Adam(model.parameters(), lr=1e-2))
+for step in range(10):
+    plugin.apply_schedule(model, step)
+    loss = torch.nn.functional.cross_entropy(model(x[shard]), y[shard])
+    opt.zero_grad()
+    fabric.backward(loss)
+    opt.step()
+weights = fabric.all_gather(model.module[0].weight.detach())
+deployed = plugin.convert(model.module)
+if fabric.global_rank == 0:
+    json.dump({{"same_weights": bool(torch.equal(weights[0], weights[1])), "loss": loss.item(),
+               "converted": type(deployed[0]).__name__}}, open({out!r}, "w"))
+"""
+
+
+def test_qat_plugin_under_ddp_with_two_cpu_processes(tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "result.json"
+    script = tmp_path / "ddp_qat.py"
+    script.write_text(DDP_SCRIPT.format(tests=str(Path(__file__).parent), out=str(out)))
+    proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["same_weights"] and result["converted"] == "Int8Conv" and result["loss"] < 2.3
