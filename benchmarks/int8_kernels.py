@@ -12,28 +12,15 @@ the deprecated torch.ao.quantization).
 
 from __future__ import annotations
 
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from jsonargparse import CLI
 
-from fabric_quant.report import machine_name, write_report
+from fabric_quant.report import machine_name, measure_latency, write_report
 
 SHAPES = [(128, 384, 384), (128, 384, 1536), (128, 1536, 384), (1024, 384, 1536), (1024, 1536, 384), (1, 2048, 2048)]
 KERNELS = ("fp32", "bf16", "onednn_int8_f32out", "onednn_int8_bf16out", "int_mm_kernel_only", "act_quant_only")
-
-
-def _median_ms(fn, repeats: int) -> float:
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
 
 
 def measure(m: int, k: int, n: int, repeats: int) -> dict:
@@ -72,7 +59,7 @@ def measure(m: int, k: int, n: int, repeats: int) -> dict:
             "act_quant_only": quant,
         }
         for name, fn in fns.items():
-            row[f"{name}_ms"] = _median_ms(fn, repeats)
+            row[f"{name}_ms"] = measure_latency(fn, repeats, warmup=5)["median_ms"]
         row["onednn_int8_rel_err"] = ((onednn(torch.float32)() - ref).norm() / ref.norm()).item()
     row["bf16_speedup"] = row["fp32_ms"] / row["bf16_ms"]
     row["onednn_int8_speedup"] = row["fp32_ms"] / row["onednn_int8_bf16out_ms"]
