@@ -116,3 +116,38 @@ def test_checkpoint_of_fabric_wrapped_and_plain_module_agree(tmp_path):
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     with safe_open(str(a), "pt") as fa, safe_open(str(b), "pt") as fb:
         assert fa.metadata() == fb.metadata()
+
+
+@pytest.mark.parametrize("mode", ["nf4-dq", "fp4"])
+def test_quant_storage_in_compute_dtype_for_fsdp(mode, tmp_path):
+    # FSDP flattens parameters of one dtype: the packed 4-bit data can be stored as bf16 instead of uint8
+    _, model = setup_quantized(mode, make_net(seed=0), dtype=torch.bfloat16, quant_storage=torch.bfloat16)
+    _, uint8 = setup_quantized(mode, make_net(seed=0), dtype=torch.bfloat16)
+    lin = model.module.fc1
+    assert lin.weight.dtype is torch.bfloat16 and lin.weight.numel() * 2 == 512 * 512 // 2
+    x = torch.randn(4, 512)
+    with torch.no_grad():
+        assert torch.equal(model(x), uint8(x))  # same codes, other container
+    assert fq.footprint(model).bits_per_quantized_param == fq.footprint(uint8).bits_per_quantized_param
+    path = fq.save_quantized(model, tmp_path / "bf16-storage.safetensors")
+    _, fresh = setup_quantized(mode, make_net(seed=1), dtype=torch.bfloat16, quant_storage="bfloat16")
+    fq.load_quantized(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x), model(x))
+
+
+def test_quant_storage_is_validated():
+    with pytest.raises(ValueError, match=r"Unsupported quant_storage 'int4'. Valid choices: torch.uint8"):
+        fq.BnbPrecision("nf4", quant_storage="int4")
+    with pytest.raises(ValueError, match=r"quant_storage applies to the 4-bit modes; mode 'int8'"):
+        fq.BnbPrecision("int8", quant_storage=torch.bfloat16)
+
+
+def test_fsdp_plugin_quantizes_into_the_compute_dtype_storage():
+    from fabric_quant.plugins.bnb_fsdp import BnbFSDPPrecision
+
+    plugin = BnbFSDPPrecision("nf4-dq", precision="bf16-true")
+    net = plugin.convert_module(make_net()).to("cpu")  # FSDP itself needs CUDA; conversion does not
+    assert net.fc1.weight.dtype is torch.bfloat16 and net.fc1.is_quantized() and net.norm.weight.dtype is torch.bfloat16
+    with pytest.raises(ValueError, match=r"Unsupported precision 'bf16-mixed' for FSDP \+ bitsandbytes"):
+        BnbFSDPPrecision("nf4-dq", precision="bf16-mixed")

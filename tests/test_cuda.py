@@ -76,3 +76,14 @@ def test_qlora_recipe_on_gpu(tiny_bert_with_tokenizer, tmp_path):
     )  # fmt: skip
     assert metrics["steps"] == 4 and metrics["peak_memory_mb"] > 0
     assert (tmp_path / "run" / "final" / "merged" / "config.json").is_file()
+
+
+def test_fsdp_single_gpu_with_4bit_base():
+    from fabric_quant.plugins.bnb_fsdp import BnbFSDPPrecision
+
+    fabric = Fabric(accelerator="cuda", devices=1, strategy="fsdp", plugins=BnbFSDPPrecision("nf4-dq"))
+    fabric.launch()
+    model = fabric.setup_module(make_net())
+    x = torch.randn(4, 512, device="cuda", requires_grad=True)
+    model(x).float().sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()

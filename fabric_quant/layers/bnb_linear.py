@@ -106,7 +106,9 @@ class Linear4bit(_LoadMixin, bnb.nn.Linear4bit, QuantizedLinear):
             self.quantize_()
 
     def is_quantized(self) -> bool:
-        return bool(getattr(self.weight, "bnb_quantized", False))
+        # FSDP flattens parameters and the Params4bit wrapper (and its flag) can be lost; the module keeps the
+        # quant state (bitsandbytes restores it in forward), so that also means "already quantized".
+        return bool(getattr(self.weight, "bnb_quantized", False)) or self.quant_state is not None
 
     def quantize_(self, weight: torch.Tensor | None = None, device: torch.device | None = None) -> None:
         if weight is None:

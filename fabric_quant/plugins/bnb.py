@@ -37,6 +37,8 @@ class BnbPrecision(Precision):
             ``torch.float16`` or a name like ``"bf16"``). Default: bf16 where the hardware has it natively,
             else fp16 on CUDA and fp32 on CPU.
         ignore_modules: name prefixes of submodules whose Linear layers stay in float (e.g. ``{"classifier"}``).
+        quant_storage: 4-bit modes: the dtype the packed 4-bit data is stored as (default ``torch.uint8``). FSDP
+            needs it equal to the dtype of the other parameters so that it can flatten and shard them together.
     """
 
     def __init__(
@@ -44,12 +46,14 @@ class BnbPrecision(Precision):
         mode: str,
         dtype: torch.dtype | str | None = None,
         ignore_modules: set[str] | list[str] | tuple[str, ...] | None = None,
+        quant_storage: torch.dtype | str | None = None,
     ) -> None:
         self.mode = mode_spec(mode, family=FAMILY).name
         self.dtype = default_compute_dtype() if dtype is None else parse_dtype(dtype, what=f"dtype for mode {mode!r}")
         if isinstance(ignore_modules, str):
             raise TypeError(f"ignore_modules must be a collection of name prefixes, got the string {ignore_modules!r}")
         self.ignore_modules = set(ignore_modules or ())
+        self.quant_storage = _parse_quant_storage(quant_storage, self.mode)
 
     def layer_class(self) -> type[torch.nn.Linear]:
         from fabric_quant.layers.bnb_linear import layer_class
@@ -57,6 +61,7 @@ class BnbPrecision(Precision):
         options = dict(mode_spec(self.mode).options)
         if options["kind"] == "4bit":
             options["compute_dtype"] = self.dtype
+            options["quant_storage"] = self.quant_storage
         return layer_class(self.mode, **options)
 
     @override
@@ -138,7 +143,24 @@ class BnbPrecision(Precision):
         )
 
     def __repr__(self) -> str:
-        return f"BnbPrecision(mode={self.mode!r}, dtype={self.dtype}, ignore_modules={sorted(self.ignore_modules)})"
+        return (
+            f"BnbPrecision(mode={self.mode!r}, dtype={self.dtype}, ignore_modules={sorted(self.ignore_modules)},"
+            f" quant_storage={self.quant_storage})"
+        )
+
+
+QUANT_STORAGE = (torch.uint8, torch.bfloat16, torch.float16, torch.float32)
+
+
+def _parse_quant_storage(value: torch.dtype | str | None, mode: str) -> torch.dtype:
+    if value is None:
+        return torch.uint8
+    dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
+    if dtype not in QUANT_STORAGE:
+        raise ValueError(f"Unsupported quant_storage {value!r}. Valid choices: {', '.join(map(str, QUANT_STORAGE))}")
+    if mode.startswith("int8") and dtype is not torch.uint8:
+        raise ValueError(f"quant_storage applies to the 4-bit modes; mode {mode!r} stores int8 weights")
+    return dtype
 
 
 def _param_kwargs(param: torch.nn.Parameter) -> dict[str, Any]:
