@@ -49,6 +49,7 @@ class _Int8Weight(QuantizedLinear):
         self.register_buffer("qweight", pack_int4(q) if bits == 4 else q.reshape(weight.shape))
         self.register_buffer("weight_scale", scale)
         self._cache = None
+        self._float_cache: dict[torch.dtype, torch.Tensor] = {}
 
     def int8_weight(self) -> torch.Tensor:
         if self.bits == 8:
@@ -59,8 +60,15 @@ class _Int8Weight(QuantizedLinear):
         return self._cache
 
     def _load_from_state_dict(self, *args, **kwargs):
-        self._cache = None
+        self._cache, self._float_cache = None, {}
         return super()._load_from_state_dict(*args, **kwargs)
+
+    def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight for the float kernels (convolutions, per-group Linear), built once per dtype and
+        kept: the checkpoint stays int8/int4, the float copy only lives in memory next to it."""
+        if dtype not in self._float_cache:
+            self._float_cache[dtype] = self.dequantized_weight().to(dtype)
+        return self._float_cache[dtype]
 
     def is_quantized(self) -> bool:
         return True
@@ -105,9 +113,7 @@ class Int8Linear(_Int8Weight, torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if not self._integer_ok():
-            out = torch.nn.functional.linear(
-                self._quantize_input(rows), self.dequantized_weight().to(x.dtype), self.bias
-            )
+            out = torch.nn.functional.linear(self._quantize_input(rows), self.compute_weight(x.dtype), self.bias)
             return out.reshape(*x.shape[:-1], self.out_features)
         out = self._int8_matmul(rows.float())
         if self.bias is not None:
@@ -156,7 +162,7 @@ class Int8Conv(_Int8Weight, torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         conv = torch.nn.functional.conv2d if self.dims == 2 else torch.nn.functional.conv1d
-        out = conv(self._quantize_input(x), self.dequantized_weight().to(x.dtype), self.bias, **self.conv_args)
+        out = conv(self._quantize_input(x), self.compute_weight(x.dtype), self.bias, **self.conv_args)
         return torch.relu(out) if self.relu else out
 
 
