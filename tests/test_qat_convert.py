@@ -103,3 +103,29 @@ def test_convert_does_not_touch_the_qat_model():
     plugin, qat_model, _ = trained_qat_cnn(steps=3)
     plugin.convert(qat_model)
     assert not any(isinstance(m, Int8Linear | Int8Conv) for m in qat_model.modules())
+
+
+def test_embedding_qat_and_conversion(tiny_bert_with_tokenizer):
+    from transformers import AutoModel
+
+    from fabric_quant.qat import Int8Embedding, QATEmbedding
+
+    model = AutoModel.from_pretrained(tiny_bert_with_tokenizer)
+    plugin = fq.QATPrecision("qat-int8", embeddings=True)
+    plugin.convert_module(model)
+    emb = model.embeddings.word_embeddings
+    assert isinstance(emb, QATEmbedding) and emb.act_observer is None
+    rows = emb.weight[1:6]  # (row 0 is the all-zero padding row)
+    expected = torch.round(rows / (rows.abs().amax(1, keepdim=True) / 127)) * (rows.abs().amax(1, keepdim=True) / 127)
+    assert torch.allclose(emb(torch.arange(1, 6)), expected, atol=1e-7)
+    deployed = plugin.convert(model)
+    assert isinstance(deployed.embeddings.word_embeddings, Int8Embedding)
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        assert torch.allclose(
+            deployed.embeddings.word_embeddings(ids), model.eval().embeddings.word_embeddings(ids), atol=1e-6
+        )
+        out_q, out_d = model(input_ids=ids).last_hidden_state, deployed(input_ids=ids).last_hidden_state
+    assert torch.allclose(out_q, out_d, atol=1e-3)
+    fp = fq.footprint(deployed)
+    assert fp.quantized_numel >= emb.weight.numel()  # the table counts as quantized storage

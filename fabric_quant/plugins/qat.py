@@ -9,7 +9,7 @@ from typing_extensions import override
 
 from fabric_quant.modules import check_ignore_modules, is_ignored, replace_modules
 from fabric_quant.numerics.quant import group_view
-from fabric_quant.qat.layers import QATConfig, QATConv1d, QATConv2d, QATConvBn2d, QATLinear
+from fabric_quant.qat.layers import QATConfig, QATConv1d, QATConv2d, QATConvBn2d, QATEmbedding, QATLinear
 from fabric_quant.registry import mode_spec, register_mode
 
 FAMILY = "qat"
@@ -27,6 +27,7 @@ class QATPrecision(Precision):
         start_step: optimizer step at which fake quantization starts (before: float training, observers warm up).
         freeze_observer_step: step after which static-activation observers stop updating.
         freeze_bn_step: step after which folded BatchNorms use their running statistics.
+        embeddings: also fake-quantize Embedding tables (weights only, same bits and grouping).
     """
 
     def __init__(
@@ -37,6 +38,7 @@ class QATPrecision(Precision):
         start_step: int = 0,
         freeze_observer_step: int | None = None,
         freeze_bn_step: int | None = None,
+        embeddings: bool = False,
         **overrides,
     ) -> None:
         self.mode = mode_spec(mode, family=FAMILY).name
@@ -44,6 +46,7 @@ class QATPrecision(Precision):
         if isinstance(ignore_modules, str):
             raise TypeError(f"ignore_modules must be a collection of name prefixes, got the string {ignore_modules!r}")
         self.ignore_modules = set(ignore_modules or ())
+        self.swaps = {**_SWAPS, torch.nn.Embedding: QATEmbedding} if embeddings else dict(_SWAPS)
         for name, value in (("start_step", start_step), ("freeze_observer_step", freeze_observer_step),
                             ("freeze_bn_step", freeze_bn_step)):  # fmt: skip
             if value is not None and value < 0:
@@ -56,15 +59,15 @@ class QATPrecision(Precision):
 
     @override
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        if any(isinstance(m, QATLinear | QATConv1d | QATConv2d) for m in module.modules()):
+        if any(isinstance(m, QATLinear | QATConv1d | QATConv2d | QATEmbedding) for m in module.modules()):
             return module  # already converted (idempotent, like BnbPrecision)
         ignore = check_ignore_modules(module, self.ignore_modules)
-        if not any(type(m) in _SWAPS for _, m in module.named_modules()):
+        if not any(type(m) in self.swaps for _, m in module.named_modules()):
             raise TypeError(
                 f"QATPrecision({self.mode!r}) quantizes Linear/Conv1d/Conv2d, but {type(module).__name__} has none"
             )
         for name, m in module.named_modules():  # validate every target before changing anything
-            if type(m) in _SWAPS and not is_ignored(name, ignore):
+            if type(m) in self.swaps and not is_ignored(name, ignore):
                 try:
                     group_view(m.weight, self.config.group_size)
                 except ValueError as err:
@@ -72,8 +75,8 @@ class QATPrecision(Precision):
         self._fuse_conv_bn(module, ignore)
         replace_modules(
             module,
-            lambda name, child: type(child) in _SWAPS and not is_ignored(name, ignore),
-            lambda name, child: _SWAPS[type(child)].from_float(child, self.config),
+            lambda name, child: type(child) in self.swaps and not is_ignored(name, ignore),
+            lambda name, child: self.swaps[type(child)].from_float(child, self.config),
         )
         self.apply_schedule(module, 0)
         return module

@@ -5,6 +5,7 @@ token (dynamic) or with the calibrated scale (static); the product runs as an in
 (`torch._int_mm`, a maintained core op) rescaled in float. Shapes that op cannot take, and per-group weights, run
 the float reference path (dequantized weight, same activation rounding): same numbers, no integer speed-up.
 Conv: int8 weights (BatchNorm folded in), computed in float from the dequantized weight (storage saving only).
+Embedding: int8 rows with a scale each; a lookup gathers and rescales only the rows it reads.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from fabric_quant.layers.base import QuantizedLinear, Storage
 from fabric_quant.numerics.quant import fake_quant, fake_quant_per_token, group_view, qrange, scale_zero_point
-from fabric_quant.qat.layers import QATConv1d, QATConv2d, QATConvBn2d, QATLinear
+from fabric_quant.qat.layers import QATConv1d, QATConv2d, QATConvBn2d, QATEmbedding, QATLinear
 
 
 def _quantize_rows(weight: torch.Tensor, bits: int, group_size: int | None, learned_scale=None):
@@ -166,6 +167,21 @@ class Int8Conv(_Int8Weight, torch.nn.Module):
         return torch.relu(out) if self.relu else out
 
 
+class Int8Embedding(_Int8Weight, torch.nn.Module):
+    """int8 (or packed int4) rows with a scale each; a lookup gathers and rescales only the rows it needs."""
+
+    def __init__(self, qat: QATEmbedding) -> None:
+        super().__init__()
+        self.padding_idx, self.activations = qat.padding_idx, "none"
+        self.fq_mode = f"int{qat.qat.weight_bits}-converted"
+        self._set_weight(qat.weight, qat.qat.weight_bits, qat.qat.group_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group_size is not None:
+            return torch.nn.functional.embedding(x, self.compute_weight(torch.float32), self.padding_idx)
+        return self.int8_weight()[x].float() * self.weight_scale[x].unsqueeze(-1)
+
+
 def convert(model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     """The deployable model: every QAT layer replaced by its int8 (or packed int4) version, in eval mode."""
     from fabric_quant.modules import replace_modules
@@ -174,7 +190,10 @@ def convert(model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     model.eval()
     replace_modules(
         model,
-        lambda name, m: isinstance(m, QATLinear | QATConv1d | QATConv2d),
-        lambda name, m: Int8Linear(m) if isinstance(m, QATLinear) else Int8Conv(m),
+        lambda name, m: isinstance(m, QATLinear | QATConv1d | QATConv2d | QATEmbedding),
+        lambda name, m: _CONVERTED[type(m)](m) if type(m) in _CONVERTED else Int8Conv(m),
     )
     return model
+
+
+_CONVERTED = {QATLinear: Int8Linear, QATEmbedding: Int8Embedding}

@@ -3,6 +3,7 @@ and computes in float; gradients pass through the rounding with the straight-thr
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -106,6 +107,22 @@ class _FakeQuant:
         return torch._fake_quantize_learnable_per_tensor_affine(
             x, self.act_scale.reshape(1), zero_point.float().reshape(1), qmin, qmax, grad_factor
         )
+
+
+class QATEmbedding(torch.nn.Embedding, _FakeQuant):
+    """Embedding with fake-quantized rows (the lookup input is an index: no activation quantization)."""
+
+    @classmethod
+    def from_float(cls, emb: torch.nn.Embedding, config: QATConfig) -> QATEmbedding:
+        if emb.max_norm is not None or emb.sparse:
+            raise ValueError("QAT of an Embedding with max_norm or sparse gradients is not supported")
+        new = cls(emb.num_embeddings, emb.embedding_dim, emb.padding_idx, device="meta")
+        new.weight = emb.weight
+        new._init_qat(dataclasses.replace(config, activations="none", learnable_scales=False), emb.weight)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.embedding(x, self._fq_weight(self.weight), self.padding_idx)
 
 
 class QATLinear(torch.nn.Linear, _FakeQuant):
