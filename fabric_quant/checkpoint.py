@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
@@ -92,7 +93,8 @@ def load_quantized(model: torch.nn.Module, path: str | Path, strict: bool = True
         diff = sorted(k for k in saved.keys() | mine.keys() if saved.get(k) != mine.get(k))
         shown = {k: (saved.get(k), mine.get(k)) for k in diff[:5]}
         raise ValueError(f"{path} was saved from other quantization modes; (checkpoint, model) per layer: {shown}")
-    device = next((t.device for t in model.state_dict().values() if t.device.type != "meta"), torch.device("cpu"))
+    tensors = itertools.chain(model.parameters(), model.buffers())
+    device = next((t.device for t in tensors if t.device.type != "meta"), torch.device("cpu"))
     model.load_state_dict(load_file(str(path), device=str(device)), strict=strict)
     return model
 

@@ -66,13 +66,13 @@ class BnbPrecision(Precision):
 
     @override
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        from fabric_quant.layers import QuantizedLinear, quantized_layers
+        from fabric_quant.layers import quantized_layers
 
         # Idempotent: a model quantized before adapters were added (QLoRA: quantize, then wrap with peft, then
         # `fabric.setup_module`) is not converted again, which would quantize the adapters' own Linear layers.
         if next(quantized_layers(module), None) is None:
             self._replace_linear_layers(module)
-        self._cast_float_params(module, skip=QuantizedLinear)
+        self._cast_float_params(module)
         return module
 
     def _replace_linear_layers(self, module: torch.nn.Module) -> None:
@@ -99,12 +99,15 @@ class BnbPrecision(Precision):
 
         replace_modules(module, select, build)
 
-    def _cast_float_params(self, module: torch.nn.Module, skip: type) -> None:
+    def _cast_float_params(self, module: torch.nn.Module) -> None:
+        from fabric_quant.layers import QuantizedLinear
+
         # Everything that stays in float runs in the compute dtype, as in Lightning's "-true" precisions;
-        # quantized weights are left alone (casting packed uint8 data would corrupt it).
+        # quantized weights are left alone (casting packed data would corrupt it).
         for sub in module.modules():
+            skip = sub.storage_keys if isinstance(sub, QuantizedLinear) else ()
             for name, tensor in [*sub.named_parameters(recurse=False), *sub.named_buffers(recurse=False)]:
-                if isinstance(sub, skip) and name == "weight":
+                if name in skip:
                     continue
                 if torch.is_floating_point(tensor) and tensor.dtype != self.dtype:
                     tensor.data = tensor.data.to(self.dtype)

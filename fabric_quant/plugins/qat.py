@@ -9,7 +9,15 @@ from typing_extensions import override
 
 from fabric_quant.modules import check_ignore_modules, is_ignored, replace_modules
 from fabric_quant.numerics.quant import group_view
-from fabric_quant.qat.layers import QATConfig, QATConv1d, QATConv2d, QATConvBn2d, QATEmbedding, QATLinear
+from fabric_quant.qat.layers import (
+    FakeQuantLayer,
+    QATConfig,
+    QATConv1d,
+    QATConv2d,
+    QATConvBn2d,
+    QATEmbedding,
+    QATLinear,
+)
 from fabric_quant.registry import mode_spec, register_mode
 
 FAMILY = "qat"
@@ -59,7 +67,7 @@ class QATPrecision(Precision):
 
     @override
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
-        if any(isinstance(m, QATLinear | QATConv1d | QATConv2d | QATEmbedding) for m in module.modules()):
+        if any(isinstance(m, FakeQuantLayer) for m in module.modules()):
             return module  # already converted (idempotent, like BnbPrecision)
         ignore = check_ignore_modules(module, self.ignore_modules)
         if not any(type(m) in self.swaps for _, m in module.named_modules()):
@@ -112,13 +120,13 @@ class QATPrecision(Precision):
     @staticmethod
     def enable_fake_quant(module: torch.nn.Module, enabled: bool = True) -> None:
         for m in module.modules():
-            if hasattr(m, "fake_quant_enabled"):
+            if isinstance(m, FakeQuantLayer):
                 m.fake_quant_enabled = enabled
 
     @staticmethod
     def freeze_observers(module: torch.nn.Module) -> None:
         for m in module.modules():
-            if getattr(m, "act_observer", None) is not None:
+            if isinstance(m, FakeQuantLayer) and m.act_observer is not None:
                 m.act_observer.enabled = False
 
     @staticmethod

@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from fabric_quant.numerics.fold import bn_scale
+from fabric_quant.numerics.fold import bn_scale, fold_bn
 from fabric_quant.numerics.observers import OBSERVERS, make_observer
 from fabric_quant.numerics.quant import (
     VALID_BITS,
@@ -54,8 +54,8 @@ class QATConfig:
             )
 
 
-class _FakeQuant:
-    """State and helpers shared by the QAT layers (mixed into Linear / Conv modules)."""
+class FakeQuantLayer:
+    """State and helpers shared by the QAT layers (mixed into Linear / Conv / Embedding modules)."""
 
     qat: QATConfig
 
@@ -109,7 +109,7 @@ class _FakeQuant:
         )
 
 
-class QATEmbedding(torch.nn.Embedding, _FakeQuant):
+class QATEmbedding(torch.nn.Embedding, FakeQuantLayer):
     """Embedding with fake-quantized rows (the lookup input is an index: no activation quantization)."""
 
     @classmethod
@@ -125,7 +125,7 @@ class QATEmbedding(torch.nn.Embedding, _FakeQuant):
         return torch.nn.functional.embedding(x, self._fq_weight(self.weight), self.padding_idx)
 
 
-class QATLinear(torch.nn.Linear, _FakeQuant):
+class QATLinear(torch.nn.Linear, FakeQuantLayer):
     @classmethod
     def from_float(cls, linear: torch.nn.Linear, config: QATConfig) -> QATLinear:
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
@@ -145,14 +145,14 @@ def _conv_from_float(cls, conv, config: QATConfig):
     return new
 
 
-class QATConv1d(torch.nn.Conv1d, _FakeQuant):
+class QATConv1d(torch.nn.Conv1d, FakeQuantLayer):
     from_float = classmethod(_conv_from_float)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(self._fq_input(x), self._fq_weight(self.weight), self.bias)
 
 
-class QATConv2d(torch.nn.Conv2d, _FakeQuant):
+class QATConv2d(torch.nn.Conv2d, FakeQuantLayer):
     from_float = classmethod(_conv_from_float)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -181,8 +181,6 @@ class QATConvBn2d(QATConv2d):
 
     def folded(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The deployed (BatchNorm-folded) weight and bias, from the running statistics."""
-        from fabric_quant.numerics.fold import fold_bn
-
         return fold_bn(self.weight, self.bias, self.bn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
