@@ -129,3 +129,19 @@ def test_embedding_qat_and_conversion(tiny_bert_with_tokenizer):
     assert torch.allclose(out_q, out_d, atol=1e-3)
     fp = fq.footprint(deployed)
     assert fp.quantized_numel >= emb.weight.numel()  # the table counts as quantized storage
+
+
+def test_conv_with_learned_activation_scale_converts_to_the_learned_scale():
+    from fabric_quant.qat import QATConv2d
+
+    torch.manual_seed(0)
+    conv = QATConv2d.from_float(torch.nn.Conv2d(2, 8, 3), QATConfig(activations="static", learnable_scales=True))
+    x = torch.randn(4, 2, 8, 8)
+    conv(x).square().mean().backward()  # calibrates the observer and initialises the LSQ scale from it
+    with torch.no_grad():
+        conv.act_scale.mul_(1.5)  # as if training had moved it away from the observer's range
+        conv.act_observer.enabled = False
+        expected = conv(x)
+        deployed = Int8Conv(conv)
+        assert deployed.act_scale.item() == pytest.approx(conv.act_scale.item())
+        assert torch.allclose(deployed(x), expected, atol=1e-5)

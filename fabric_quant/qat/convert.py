@@ -11,6 +11,7 @@ Embedding: int8 rows with a scale each; a lookup gathers and rescales only the r
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 
@@ -49,19 +50,26 @@ class _Int8Weight(QuantizedLinear):
         self.bits, self.group_size, self.weight_shape = bits, group_size, tuple(weight.shape)
         self.register_buffer("qweight", pack_int4(q) if bits == 4 else q.reshape(weight.shape))
         self.register_buffer("weight_scale", scale)
-        self._cache = None
-        self._float_cache: dict[torch.dtype, torch.Tensor] = {}
+        self._clear_caches()
+
+    def _clear_caches(self) -> None:
+        self._cache, self._row_sums, self._float_cache = None, None, {}
 
     def int8_weight(self) -> torch.Tensor:
         if self.bits == 8:
             return self.qweight
         if self._cache is None:  # unpacked once; the state dict keeps the packed bytes
-            numel = int(torch.tensor(self.weight_shape).prod())
-            self._cache = unpack_int4(self.qweight, numel).reshape(self.weight_shape)
+            self._cache = unpack_int4(self.qweight, math.prod(self.weight_shape)).reshape(self.weight_shape)
         return self._cache
 
+    def row_sums(self) -> torch.Tensor:
+        """Sum of each int8 weight row (int32), for the activation zero-point correction; computed once."""
+        if self._row_sums is None:
+            self._row_sums = self.int8_weight().sum(1, dtype=torch.int32)
+        return self._row_sums
+
     def _load_from_state_dict(self, *args, **kwargs):
-        self._cache, self._float_cache = None, {}
+        self._clear_caches()
         return super()._load_from_state_dict(*args, **kwargs)
 
     def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
@@ -79,9 +87,19 @@ class _Int8Weight(QuantizedLinear):
         return (rows * self.weight_scale[:, None]).reshape(self.weight_shape)
 
     def weight_storage(self) -> Storage:
-        numel = int(torch.tensor(self.weight_shape).prod())
         nbytes = self.qweight.numel() * self.qweight.element_size() + self.weight_scale.numel() * 4
-        return Storage(numel=numel, per_weight_bytes=nbytes, table_bytes=0)
+        return Storage(numel=math.prod(self.weight_shape), per_weight_bytes=nbytes, table_bytes=0)
+
+    def _set_activation(self, qat) -> None:
+        """Calibrated (static) activation scale and zero point of the QAT layer; an LSQ-learned scale wins."""
+        self.activations = qat.qat.activations
+        if self.activations != "static":
+            return
+        scale, zero_point = qat.act_observer.qparams()
+        if getattr(qat, "act_scale", None) is not None:
+            scale = qat.act_scale.detach()
+        self.register_buffer("act_scale", scale.reshape(()).float())
+        self.register_buffer("act_zero_point", zero_point.reshape(()).to(torch.int32))
 
     def _quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.activations == "dynamic":
@@ -95,16 +113,11 @@ class Int8Linear(_Int8Weight, torch.nn.Module):
     def __init__(self, qat: QATLinear) -> None:
         super().__init__()
         cfg = qat.qat
-        self.in_features, self.out_features, self.activations = qat.in_features, qat.out_features, cfg.activations
+        self.in_features, self.out_features = qat.in_features, qat.out_features
         self.fq_mode = f"int{cfg.weight_bits}-converted"
         self._set_weight(qat.weight, cfg.weight_bits, cfg.group_size, getattr(qat, "weight_scale", None))
         self.bias = None if qat.bias is None else torch.nn.Parameter(qat.bias.detach().clone(), requires_grad=False)
-        if self.activations == "static":
-            scale, zero_point = qat.act_observer.qparams()
-            if getattr(qat, "act_scale", None) is not None:
-                scale = qat.act_scale.detach().reshape(())
-            self.register_buffer("act_scale", scale.reshape(()).float())
-            self.register_buffer("act_zero_point", zero_point.reshape(()).to(torch.int32))
+        self._set_activation(qat)
 
     def _integer_ok(self) -> bool:
         # torch._int_mm takes K and N in multiples of 8; per-group scales do not factor out of the matmul
@@ -137,7 +150,7 @@ class Int8Linear(_Int8Weight, torch.nn.Module):
             q8 = torch.cat([q8, q8.new_zeros(17 - m, q8.shape[1])])
         w = self.int8_weight()
         acc = torch._int_mm(q8, w.t())[:m]
-        acc = acc - (zero_point - 128).to(torch.int32) * w.sum(1, dtype=torch.int32)[None, :]
+        acc = acc - (zero_point - 128).to(torch.int32) * self.row_sums()[None, :]
         return acc.float() * scale * self.weight_scale[None, :]
 
 
@@ -145,17 +158,14 @@ class Int8Conv(_Int8Weight, torch.nn.Module):
     def __init__(self, qat: QATConv1d | QATConv2d) -> None:
         super().__init__()
         cfg = qat.qat
-        self.activations, self.relu = cfg.activations, bool(getattr(qat, "relu", False))
+        self.relu = bool(getattr(qat, "relu", False))
         self.fq_mode = f"int{cfg.weight_bits}-converted"
         self.conv_args = {"stride": qat.stride, "padding": qat.padding, "dilation": qat.dilation, "groups": qat.groups}
         self.dims = 2 if isinstance(qat, QATConv2d) else 1
         weight, bias = qat.folded() if isinstance(qat, QATConvBn2d) else (qat.weight, qat.bias)
         self._set_weight(weight, cfg.weight_bits, cfg.group_size, getattr(qat, "weight_scale", None))
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
-        if self.activations == "static":
-            scale, zero_point = qat.act_observer.qparams()
-            self.register_buffer("act_scale", scale.reshape(()).float())
-            self.register_buffer("act_zero_point", zero_point.reshape(()).to(torch.int32))
+        self._set_activation(qat)
         if qat.padding_mode != "zeros":
             raise ValueError(
                 f"padding_mode={qat.padding_mode!r} is not supported by the int8 conversion (only 'zeros')"
@@ -172,7 +182,7 @@ class Int8Embedding(_Int8Weight, torch.nn.Module):
 
     def __init__(self, qat: QATEmbedding) -> None:
         super().__init__()
-        self.padding_idx, self.activations = qat.padding_idx, "none"
+        self.padding_idx, self.activations = qat.padding_idx, "none"  # the input is an index
         self.fq_mode = f"int{qat.qat.weight_bits}-converted"
         self._set_weight(qat.weight, qat.qat.weight_bits, qat.qat.group_size)
 
@@ -182,18 +192,20 @@ class Int8Embedding(_Int8Weight, torch.nn.Module):
         return self.int8_weight()[x].float() * self.weight_scale[x].unsqueeze(-1)
 
 
+_CONVERTED = {
+    QATLinear: Int8Linear,
+    QATConv1d: Int8Conv,
+    QATConv2d: Int8Conv,
+    QATConvBn2d: Int8Conv,
+    QATEmbedding: Int8Embedding,
+}
+
+
 def convert(model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
     """The deployable model: every QAT layer replaced by its int8 (or packed int4) version, in eval mode."""
     from fabric_quant.modules import replace_modules
 
     model = model if inplace else copy.deepcopy(model)
     model.eval()
-    replace_modules(
-        model,
-        lambda name, m: isinstance(m, QATLinear | QATConv1d | QATConv2d | QATEmbedding),
-        lambda name, m: _CONVERTED[type(m)](m) if type(m) in _CONVERTED else Int8Conv(m),
-    )
+    replace_modules(model, lambda name, m: type(m) in _CONVERTED, lambda name, m: _CONVERTED[type(m)](m))
     return model
-
-
-_CONVERTED = {QATLinear: Int8Linear, QATEmbedding: Int8Embedding}
