@@ -45,9 +45,14 @@ def fake_quant(
     return torch.fake_quantize_per_channel_affine(x, scale, zero_point, axis if axis is not None else 0, qmin, qmax)
 
 
-def group_view(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+def group_view(weight: torch.Tensor, group_size: int | None, per_channel: bool = True) -> torch.Tensor:
     """The weight as rows to quantize independently: one row per output channel, or per group of
-    ``group_size`` input elements of an output channel (per-group quantization, as int4 weight schemes use)."""
+    ``group_size`` input elements of an output channel (per-group quantization, as int4 weight schemes use),
+    or the whole tensor as one row (per-tensor, ``per_channel=False``)."""
+    if not per_channel:
+        if group_size is not None:
+            raise ValueError(f"per_channel=False (one scale per tensor) excludes group_size={group_size}")
+        return weight.reshape(1, -1)
     rows = weight.reshape(weight.shape[0], -1)
     if group_size is None:
         return rows
@@ -56,19 +61,29 @@ def group_view(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
     return rows.reshape(-1, group_size)
 
 
-def fake_quant_weight(weight: torch.Tensor, bits: int, group_size: int | None) -> torch.Tensor:
-    """Symmetric per-channel (or per-group) fake quantization of a weight, scales from its current absmax."""
-    rows = group_view(weight, group_size)
+def fake_quant_weight(
+    weight: torch.Tensor, bits: int, group_size: int | None, per_channel: bool = True
+) -> torch.Tensor:
+    """Symmetric per-channel (per-group, per-tensor) fake quantization of a weight, scales from its absmax."""
+    rows = group_view(weight, group_size, per_channel)
     qmin, qmax = qrange(bits, symmetric=True)
     absmax = rows.detach().abs().amax(dim=1)
     scale, zero_point = scale_zero_point(-absmax, absmax, bits, symmetric=True)
     return fake_quant(rows, scale, zero_point, qmin, qmax, axis=0).reshape(weight.shape)
 
 
+def per_token_scale(rows: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Symmetric scale of each row (token): absmax / qmax, shape (rows, 1)."""
+    eps = torch.finfo(torch.float32).eps
+    return rows.detach().abs().amax(dim=1, keepdim=True).float().clamp(min=eps) / qrange(bits, symmetric=True)[1]
+
+
 def fake_quant_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
-    """Dynamic activation fake quantization: one asymmetric scale per token (row over the last dimension)."""
+    """Dynamic activation fake quantization: one symmetric scale per token (row over the last dimension), as
+    torchao's int8 dynamic-activation scheme. Symmetric (no zero point) so the converted matmul is a plain
+    int8 x int8 product with both scales factored out, the form oneDNN's int8 kernels fuse."""
     rows = x.reshape(-1, x.shape[-1])
-    min_val, max_val = rows.detach().aminmax(dim=1)
-    scale, zero_point = scale_zero_point(min_val, max_val, bits, symmetric=False)
-    qmin, qmax = qrange(bits, symmetric=False)
-    return fake_quant(rows, scale, zero_point, qmin, qmax, axis=0).reshape(x.shape)
+    scale = per_token_scale(rows, bits)
+    qmin, qmax = qrange(bits, symmetric=True)
+    zero_point = torch.zeros(scale.shape[0], dtype=torch.int32, device=x.device)
+    return fake_quant(rows, scale.reshape(-1), zero_point, qmin, qmax, axis=0).reshape(x.shape)

@@ -77,10 +77,10 @@ class QATPrecision(Precision):
         for name, m in module.named_modules():  # validate every target before changing anything
             if type(m) in self.swaps and not is_ignored(name, ignore):
                 try:
-                    group_view(m.weight, self.config.group_size)
+                    group_view(m.weight, self.config.group_size, self.config.per_channel)
                 except ValueError as err:
                     raise ValueError(f"{name}: {err}") from None
-        self._fuse_conv_bn(module, ignore)
+        self._fuse_sequential(module, ignore)
         replace_modules(
             module,
             lambda name, child: type(child) in self.swaps and not is_ignored(name, ignore),
@@ -89,20 +89,25 @@ class QATPrecision(Precision):
         self.apply_schedule(module, 0)
         return module
 
-    def _fuse_conv_bn(self, module: torch.nn.Module, ignore: set[str]) -> None:
-        """Conv2d, BatchNorm2d[, ReLU] consecutive in an nn.Sequential become one QATConvBn2d (+ Identities)."""
+    def _fuse_sequential(self, module: torch.nn.Module, ignore: set[str]) -> None:
+        """Inside an nn.Sequential: Conv2d, BatchNorm2d[, ReLU] become one QATConvBn2d and Linear, ReLU one QATLinear
+        with the ReLU fused (the freed slots become Identities, so indices stay valid)."""
         for name, seq in list(module.named_modules()):
             if not isinstance(seq, torch.nn.Sequential):
                 continue
             children = list(seq.named_children())
-            for i, (key, conv) in enumerate(children[:-1]):
-                bn = children[i + 1][1]
-                if type(conv) is not torch.nn.Conv2d or type(bn) is not torch.nn.BatchNorm2d:
-                    continue
+            for i, (key, first) in enumerate(children[:-1]):
                 if is_ignored(f"{name}.{key}" if name else key, ignore):
                     continue
+                second = children[i + 1][1]
+                if type(first) is torch.nn.Linear and type(second) is torch.nn.ReLU:
+                    setattr(seq, key, QATLinear.from_float(first, self.config, relu=True))
+                    setattr(seq, children[i + 1][0], torch.nn.Identity())
+                    continue
+                if type(first) is not torch.nn.Conv2d or type(second) is not torch.nn.BatchNorm2d:
+                    continue
                 relu = i + 2 < len(children) and type(children[i + 2][1]) is torch.nn.ReLU
-                setattr(seq, key, QATConvBn2d.from_float(conv, bn, relu, self.config))
+                setattr(seq, key, QATConvBn2d.from_float(first, second, relu, self.config))
                 setattr(seq, children[i + 1][0], torch.nn.Identity())
                 if relu:
                     setattr(seq, children[i + 2][0], torch.nn.Identity())
@@ -136,11 +141,11 @@ class QATPrecision(Precision):
                 m.freeze_bn()
 
     @staticmethod
-    def convert(module: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
+    def convert(module: torch.nn.Module, inplace: bool = False, backend: str = "auto") -> torch.nn.Module:
         """The deployable model with real int8 / packed int4 weights (see :func:`fabric_quant.qat.convert`)."""
         from fabric_quant.qat.convert import convert
 
-        return convert(module, inplace=inplace)
+        return convert(module, inplace=inplace, backend=backend)
 
     def __repr__(self) -> str:
         return f"QATPrecision(mode={self.mode!r}, config={self.config})"

@@ -11,17 +11,18 @@ Embedding: int8 rows with a scale each; a lookup gathers and rescales only the r
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 
 import torch
 
 from fabric_quant.layers.base import QuantizedLinear, Storage
-from fabric_quant.numerics.quant import fake_quant, fake_quant_per_token, group_view, qrange, scale_zero_point
+from fabric_quant.numerics.quant import fake_quant, fake_quant_per_token, group_view, per_token_scale, qrange
 from fabric_quant.qat.layers import QATConv1d, QATConv2d, QATConvBn2d, QATEmbedding, QATLinear
 
 
-def _quantize_rows(weight: torch.Tensor, bits: int, group_size: int | None, learned_scale=None):
-    rows = group_view(weight.detach().float(), group_size)
+def _quantize_rows(weight: torch.Tensor, bits: int, group_size: int | None, per_channel: bool, learned_scale=None):
+    rows = group_view(weight.detach().float(), group_size, per_channel)
     qmin, qmax = qrange(bits, symmetric=True)
     scale = learned_scale.detach().float() if learned_scale is not None else rows.abs().amax(1).clamp(min=1e-8) / qmax
     return torch.clamp(torch.round(rows / scale[:, None]), qmin, qmax).to(torch.int8), scale
@@ -45,9 +46,11 @@ class _Int8Weight(QuantizedLinear):
 
     storage_keys = ("qweight", "weight_scale")
 
-    def _set_weight(self, weight, bits, group_size, learned_scale=None) -> None:
-        q, scale = _quantize_rows(weight, bits, group_size, learned_scale)
-        self.bits, self.group_size, self.weight_shape = bits, group_size, tuple(weight.shape)
+    def _set_weight(self, weight, cfg, learned_scale=None) -> None:
+        bits, group_size, per_channel = cfg.weight_bits, cfg.group_size, cfg.per_channel
+        q, scale = _quantize_rows(weight, bits, group_size, per_channel, learned_scale)
+        self.bits, self.group_size, self.per_channel = bits, group_size, per_channel
+        self.weight_shape = tuple(weight.shape)
         self.register_buffer("qweight", pack_int4(q) if bits == 4 else q.reshape(weight.shape))
         self.register_buffer("weight_scale", scale)
         self._clear_caches()
@@ -70,7 +73,10 @@ class _Int8Weight(QuantizedLinear):
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._clear_caches()
-        return super()._load_from_state_dict(*args, **kwargs)
+        result = super()._load_from_state_dict(*args, **kwargs)
+        if "qweight_t" in self._buffers:  # re-point the view at the loaded (possibly replaced) weight
+            self._buffers["qweight_t"] = self.int8_weight().t()
+        return result
 
     def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight for the float kernels (convolutions, per-group Linear), built once per dtype and
@@ -83,7 +89,7 @@ class _Int8Weight(QuantizedLinear):
         return True
 
     def dequantized_weight(self) -> torch.Tensor:
-        rows = group_view(self.int8_weight().float(), self.group_size)
+        rows = group_view(self.int8_weight().float(), self.group_size, self.per_channel)
         return (rows * self.weight_scale[:, None]).reshape(self.weight_shape)
 
     def weight_storage(self) -> Storage:
@@ -115,47 +121,63 @@ class Int8Linear(_Int8Weight, torch.nn.Module):
         cfg = qat.qat
         self.in_features, self.out_features = qat.in_features, qat.out_features
         self.fq_mode = f"int{cfg.weight_bits}-converted"
-        self._set_weight(qat.weight, cfg.weight_bits, cfg.group_size, getattr(qat, "weight_scale", None))
+        self._set_weight(qat.weight, cfg, getattr(qat, "weight_scale", None))
         self.bias = None if qat.bias is None else torch.nn.Parameter(qat.bias.detach().clone(), requires_grad=False)
+        self.relu = bool(getattr(qat, "relu", False))
         self._set_activation(qat)
+        # the (in, out) layout torch._int_mm takes: a view of the int8 buffer (no copy), not saved
+        self.register_buffer("qweight_t", self.int8_weight().t(), persistent=False)
 
-    def _integer_ok(self) -> bool:
-        # torch._int_mm takes K and N in multiples of 8; per-group scales do not factor out of the matmul
-        dims_ok = self.in_features % 8 == 0 and self.out_features % 8 == 0
-        return dims_ok and self.activations != "none" and self.group_size is None
+    def _integer_ok(self, x: torch.Tensor) -> bool:
+        if self.activations == "none" or self.group_size is not None:
+            return False  # weight-only, or per-group scales (they do not factor out of the matmul)
+        # CUDA's torch._int_mm takes K and N in multiples of 8 (and M > 16); the CPU kernel takes any shape
+        return x.device.type == "cpu" or (self.in_features % 8 == 0 and self.out_features % 8 == 0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
-        if not self._integer_ok():
+        if not self._integer_ok(x):
             out = torch.nn.functional.linear(self._quantize_input(rows), self.compute_weight(x.dtype), self.bias)
-            return out.reshape(*x.shape[:-1], self.out_features)
-        out = self._int8_matmul(rows.float())
-        if self.bias is not None:
-            out = out + self.bias
-        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+        elif self.activations == "dynamic":
+            out = self._dynamic_int8(rows)
+        else:
+            out = self._static_int8(rows.float())
+            out = (out if self.bias is None else out + self.bias).to(x.dtype)
+        if self.relu:
+            out = torch.relu(out)
+        return out.reshape(*x.shape[:-1], self.out_features)
 
-    def _int8_matmul(self, rows: torch.Tensor) -> torch.Tensor:
+    def _dynamic_int8(self, rows: torch.Tensor) -> torch.Tensor:
+        # Symmetric per-token activations: (q_x * s_x) @ (q_w * s_w)^T = (q_x @ q_w^T) * s_x * s_w. Written in
+        # exactly this form (int mm -> cast -> mul -> mul -> add bias) because that is the pattern inductor's
+        # freezing passes lower to one oneDNN int8 GEMM (AMX / VNNI) under fabric_quant.ptq.compile_model;
+        # eager runs it as written.
+        dtype = rows.dtype if rows.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        scale = per_token_scale(rows)
+        q = torch.clamp(torch.round(rows.float() * (1.0 / scale)), -127, 127).to(torch.int8)  # as fake_quant
+        out = torch._int_mm(q, self.qweight_t).to(dtype) * scale.to(dtype) * self.weight_scale.to(dtype)
+        return out if self.bias is None else out + self.bias.to(dtype)
+
+    def _static_int8(self, rows: torch.Tensor) -> torch.Tensor:
         # x ~ (q - z) * s with q in [0, 255]; shift to int8: q - 128 and z - 128, then
         # (q' - z') @ W^T = q' @ W^T - z' * rowsum(W), computed in int32.
-        if self.activations == "dynamic":
-            lo, hi = rows.aminmax(dim=1)
-            scale, zero_point = scale_zero_point(lo, hi, 8, symmetric=False)
-            scale, zero_point = scale[:, None], zero_point[:, None]
-        else:
-            scale, zero_point = self.act_scale, self.act_zero_point
-        q = torch.clamp(torch.round(rows / scale) + zero_point, 0, 255) - 128
-        m = q.shape[0]
-        q8 = q.to(torch.int8)
-        if m <= 16:  # _int_mm wants more than 16 rows
-            q8 = torch.cat([q8, q8.new_zeros(17 - m, q8.shape[1])])
-        w = self.int8_weight()
-        acc = torch._int_mm(q8, w.t())[:m]
+        scale, zero_point = self.act_scale, self.act_zero_point
+        q8 = (torch.clamp(torch.round(rows / scale) + zero_point, 0, 255) - 128).to(torch.int8)
+        acc = torch._int_mm(q8, self.qweight_t)
         acc = acc - (zero_point - 128).to(torch.int32) * self.row_sums()[None, :]
-        return acc.float() * scale * self.weight_scale[None, :]
+        return acc.float() * scale * self.weight_scale
 
 
 class Int8Conv(_Int8Weight, torch.nn.Module):
-    def __init__(self, qat: QATConv1d | QATConv2d) -> None:
+    """Conv1d/Conv2d with int8 (or int4-valued) weights, BatchNorm folded in, ReLU fused.
+
+    With static activations on the ``x86`` backend a Conv2d runs oneDNN's int8 convolution (uint8 activations x
+    int8 weights, int32 accumulation, bias/ReLU/requantization fused). When :func:`convert` finds two such convs
+    in a row, the first emits uint8 already quantized for the second, so activations stay 8-bit between them
+    (static quantization's payoff: no float round trip). Otherwise: float convolution on the dequantized weight.
+    """
+
+    def __init__(self, qat: QATConv1d | QATConv2d, backend: str = "reference") -> None:
         super().__init__()
         cfg = qat.qat
         self.relu = bool(getattr(qat, "relu", False))
@@ -163,18 +185,50 @@ class Int8Conv(_Int8Weight, torch.nn.Module):
         self.conv_args = {"stride": qat.stride, "padding": qat.padding, "dilation": qat.dilation, "groups": qat.groups}
         self.dims = 2 if isinstance(qat, QATConv2d) else 1
         weight, bias = qat.folded() if isinstance(qat, QATConvBn2d) else (qat.weight, qat.bias)
-        self._set_weight(weight, cfg.weight_bits, cfg.group_size, getattr(qat, "weight_scale", None))
+        self._set_weight(weight, cfg, getattr(qat, "weight_scale", None))
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
         self._set_activation(qat)
         if qat.padding_mode != "zeros":
             raise ValueError(
                 f"padding_mode={qat.padding_mode!r} is not supported by the int8 conversion (only 'zeros')"
             )
+        self.onednn = (
+            backend == "x86" and self.dims == 2 and self.activations == "static" and not isinstance(qat.padding, str)
+        )
+        self.emit = None  # (scale, zero point) of the next int8 conv's input, set by convert() when chained
+
+    def _clear_caches(self) -> None:
+        super()._clear_caches()
+        self._packed = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.onednn and x.device.type == "cpu":
+            return self._onednn_forward(x)
+        if x.dtype == torch.uint8:  # quantized by the previous conv for this layer's input
+            x = (x.float() - self.act_zero_point) * self.act_scale
         conv = torch.nn.functional.conv2d if self.dims == 2 else torch.nn.functional.conv1d
         out = conv(self._quantize_input(x), self.compute_weight(x.dtype), self.bias, **self.conv_args)
         return torch.relu(out) if self.relu else out
+
+    def _onednn_forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale, zero_point = float(self.act_scale), int(self.act_zero_point)
+        if x.dtype != torch.uint8:
+            x = torch.clamp(torch.round(x.float() * (1.0 / scale)) + zero_point, 0, 255).to(torch.uint8)
+        x = x.contiguous(memory_format=torch.channels_last)
+        args = self.conv_args
+        stride, padding, dilation = (list(args[k]) for k in ("stride", "padding", "dilation"))
+        if self._packed is None:  # weight reordered into oneDNN's blocked layout once
+            w_scale = self.weight_scale.float().expand(self.weight_shape[0]).contiguous()
+            packed = torch.ops.onednn.qconv_prepack(
+                self.int8_weight(), w_scale, scale, zero_point, stride, padding, dilation, args["groups"], None
+            )
+            self._packed = (packed, w_scale, torch.zeros(self.weight_shape[0], dtype=torch.long))
+        packed, w_scale, w_zero = self._packed
+        out_scale, out_zero, out_dtype = (1.0, 0, torch.float32) if self.emit is None else (*self.emit, None)
+        return torch.ops.onednn.qconv_pointwise(
+            x, scale, zero_point, packed, w_scale, w_zero, self.bias, stride, padding, dilation, args["groups"],
+            out_scale, out_zero, out_dtype, "relu" if self.relu else "none", [], "",
+        )  # fmt: skip
 
 
 class Int8Embedding(_Int8Weight, torch.nn.Module):
@@ -184,7 +238,7 @@ class Int8Embedding(_Int8Weight, torch.nn.Module):
         super().__init__()
         self.padding_idx, self.activations = qat.padding_idx, "none"  # the input is an index
         self.fq_mode = f"int{qat.qat.weight_bits}-converted"
-        self._set_weight(qat.weight, qat.qat.weight_bits, qat.qat.group_size)
+        self._set_weight(qat.weight, qat.qat)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group_size is not None:
@@ -201,11 +255,33 @@ _CONVERTED = {
 }
 
 
-def convert(model: torch.nn.Module, inplace: bool = False) -> torch.nn.Module:
-    """The deployable model: every QAT layer replaced by its int8 (or packed int4) version, in eval mode."""
+def _chain_int8_convs(model: torch.nn.Module) -> None:
+    """In each nn.Sequential, an oneDNN Int8Conv followed (past Identities) by another hands it uint8 directly."""
+    for seq in model.modules():
+        if not isinstance(seq, torch.nn.Sequential):
+            continue
+        layers = [m for m in seq if not isinstance(m, torch.nn.Identity)]
+        for first, second in itertools.pairwise(layers):
+            if isinstance(first, Int8Conv) and isinstance(second, Int8Conv) and first.onednn and second.onednn:
+                first.emit = (float(second.act_scale), int(second.act_zero_point))
+
+
+def convert(model: torch.nn.Module, inplace: bool = False, backend: str = "auto") -> torch.nn.Module:
+    """The deployable model: every QAT layer replaced by its int8 (or packed int4) version, in eval mode.
+
+    ``backend``: ``auto`` / ``x86`` / ``reference`` (see :mod:`fabric_quant.kernels`); it picks the convolution
+    kernel. Linear layers use ``torch._int_mm`` on every backend."""
+    from fabric_quant.kernels import select_backend
     from fabric_quant.modules import replace_modules
 
+    backend = select_backend(backend)
     model = model if inplace else copy.deepcopy(model)
     model.eval()
-    replace_modules(model, lambda name, m: type(m) in _CONVERTED, lambda name, m: _CONVERTED[type(m)](m))
+
+    def build(name, m):
+        cls = _CONVERTED[type(m)]
+        return cls(m, backend) if cls is Int8Conv else cls(m)
+
+    replace_modules(model, lambda name, m: type(m) in _CONVERTED, build)
+    _chain_int8_convs(model)
     return model

@@ -30,10 +30,12 @@ class QATConfig:
     """4 or 8: symmetric integer weights."""
     group_size: int | None = None
     """None: one scale per output channel; else one scale per group of this many input elements."""
+    per_channel: bool = True
+    """False: one weight scale for the whole tensor (coarser; what older int8 backends took)."""
     activations: Literal["dynamic", "static", "none"] = "dynamic"
     """int8 activations: `dynamic` (a scale per token, computed on the fly), `static` (an observer calibrates one
     scale per layer input), or `none` (weight-only)."""
-    observer: Literal["minmax", "moving_average"] = "moving_average"
+    observer: Literal["minmax", "moving_average", "percentile", "mse"] = "moving_average"
     """Observer of static activations."""
     learnable_scales: bool = False
     """LSQ: learn the weight scales and the static activation scale by gradient descent."""
@@ -47,6 +49,8 @@ class QATConfig:
             raise ValueError(f"activations={self.activations!r} is not supported. Valid choices: {ACTIVATIONS}")
         if self.observer not in OBSERVERS:
             raise ValueError(f"observer={self.observer!r} is not supported. Valid choices: {tuple(OBSERVERS)}")
+        if not self.per_channel and self.group_size is not None:
+            raise ValueError(f"per_channel=False (one scale per tensor) excludes group_size={self.group_size}")
         if self.learnable_scales and self.activations == "dynamic":
             raise ValueError(
                 "learnable_scales=True needs activations='static' or 'none': dynamic activations compute their scale"
@@ -60,12 +64,12 @@ class FakeQuantLayer:
     qat: QATConfig
 
     def _init_qat(self, config: QATConfig, weight: torch.Tensor) -> None:
-        group_view(weight, config.group_size)  # validates that the group size divides the input dimension
+        group_view(weight, config.group_size, config.per_channel)  # checks the group size divides the input dim
         self.qat = config
         self.fake_quant_enabled = True
         self.act_observer = make_observer(config.observer) if config.activations == "static" else None
         if config.learnable_scales:
-            rows = group_view(weight.detach(), config.group_size)
+            rows = group_view(weight.detach(), config.group_size, config.per_channel)
             self.weight_scale = torch.nn.Parameter(
                 rows.abs().amax(1).clamp(min=1e-8) / qrange(config.weight_bits, True)[1]
             )
@@ -76,9 +80,9 @@ class FakeQuantLayer:
             return weight
         bits, group = self.qat.weight_bits, self.qat.group_size
         if not self.qat.learnable_scales:
-            return fake_quant_weight(weight, bits, group)
+            return fake_quant_weight(weight, bits, group, self.qat.per_channel)
         qmin, qmax = qrange(bits, symmetric=True)
-        rows = group_view(weight, group)
+        rows = group_view(weight, group, self.qat.per_channel)
         zero = torch.zeros_like(self.weight_scale)
         grad_factor = 1.0 / math.sqrt(rows.shape[1] * qmax)  # LSQ's step-size gradient scale
         out = torch._fake_quantize_learnable_per_channel_affine(
@@ -127,14 +131,16 @@ class QATEmbedding(torch.nn.Embedding, FakeQuantLayer):
 
 class QATLinear(torch.nn.Linear, FakeQuantLayer):
     @classmethod
-    def from_float(cls, linear: torch.nn.Linear, config: QATConfig) -> QATLinear:
+    def from_float(cls, linear: torch.nn.Linear, config: QATConfig, relu: bool = False) -> QATLinear:
         new = cls(linear.in_features, linear.out_features, linear.bias is not None, device="meta")
         new.weight, new.bias = linear.weight, linear.bias  # the same Parameters: optimizers keep working
         new._init_qat(config, linear.weight)
+        new.relu = relu
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(self._fq_input(x), self._fq_weight(self.weight), self.bias)
+        out = torch.nn.functional.linear(self._fq_input(x), self._fq_weight(self.weight), self.bias)
+        return torch.relu(out) if self.relu else out
 
 
 def _conv_from_float(cls, conv, config: QATConfig):

@@ -1,0 +1,85 @@
+"""Which integer kernels this machine runs, chosen once, with a portable fallback.
+
+Backends:
+- ``x86``: oneDNN's int8 kernels (AMX-INT8 / AVX512-VNNI / AVX2), reached through maintained torch core ops
+  (``torch.ops.onednn.qconv_pointwise``, and ``torch._int_mm`` GEMMs that inductor lowers to
+  ``onednn.qlinear_pointwise`` under :func:`compile_model`).
+- ``reference``: portable: ``torch._int_mm`` for Linear, float convolution on the dequantized int8 weight.
+
+Nothing here imports ``torch.ao.quantization``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import platform
+import shutil
+
+import torch
+
+BACKENDS = ("auto", "x86", "reference")
+
+
+def cpu_features() -> dict[str, bool]:
+    """The CPU's int8-relevant features, as torch sees them."""
+    probes = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported", "vnni": "_is_vnni_supported",
+              "amx": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}  # fmt: skip
+    return {name: bool(getattr(torch.cpu, fn, lambda: False)()) for name, fn in probes.items()}
+
+
+@functools.cache
+def onednn_int8_available() -> bool:
+    """True when the oneDNN int8 convolution op exists and this is an x86 CPU it has kernels for."""
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    has_ops = hasattr(torch.ops.onednn, "qconv_pointwise") and hasattr(torch.ops.onednn, "qconv_prepack")
+    return is_x86 and has_ops and torch.backends.mkldnn.is_available() and cpu_features()["avx2"]
+
+
+def select_backend(name: str = "auto") -> str:
+    """Resolve a backend name; ``auto`` picks ``x86`` where oneDNN's int8 kernels run, else ``reference``."""
+    if name not in BACKENDS:
+        raise ValueError(
+            f"Unknown backend {name!r}. Valid choices: {', '.join(BACKENDS)} (fbgemm/qnnpack belong to the"
+            " deprecated torch.ao.quantization stack; 'x86' is oneDNN, 'reference' is portable)"
+        )
+    if name == "x86" and not onednn_int8_available():
+        raise RuntimeError("backend='x86' needs an x86 CPU and torch built with oneDNN; use 'auto' or 'reference'")
+    if name == "auto":
+        return "x86" if onednn_int8_available() else "reference"
+    return name
+
+
+def can_compile() -> bool:
+    """torch.compile on CPU (inductor) needs a C++ compiler."""
+    return shutil.which("g++") is not None or shutil.which("clang++") is not None
+
+
+@contextlib.contextmanager
+def _freezing():
+    import torch._inductor.config as inductor_config
+
+    old = inductor_config.freezing
+    inductor_config.freezing = True
+    try:
+        yield
+    finally:
+        inductor_config.freezing = old
+
+
+def compile_model(model: torch.nn.Module, **compile_kwargs) -> torch.nn.Module:
+    """``torch.compile`` for inference with inductor's freezing passes on, which constant-fold the int8 weights,
+    prepack them for oneDNN and lower the converted layers' ``_int_mm -> scale`` pattern to one int8 GEMM with the
+    activation quantization fused into the preceding kernel. The first call compiles (seconds to a minute).
+    Returns the compiled module; call it under ``torch.inference_mode()``."""
+    if not can_compile():
+        raise RuntimeError("compile_model needs a C++ compiler (g++ or clang++) on PATH for inductor's CPU backend")
+    compiled = torch.compile(model, **compile_kwargs)
+    forward = compiled.forward
+
+    def frozen_forward(*args, **kwargs):
+        with _freezing():  # read when the graph compiles (first call, recompiles)
+            return forward(*args, **kwargs)
+
+    compiled.forward = frozen_forward
+    return compiled
