@@ -31,6 +31,31 @@ def measure_latency(fn: Callable[[], object], repeats: int, warmup: int = 2) -> 
     return {"median_ms": statistics.median(times), "iqr_ms": quartiles[2] - quartiles[0]}
 
 
+def measure_latencies(
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, calls: int = 1
+) -> dict[str, dict[str, float]]:
+    """Like :func:`measure_latency` for several candidates, interleaved (round robin, ``calls`` calls per turn):
+    on a shared machine a slow spell then hits every candidate alike, so their ratios stay meaningful."""
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    with torch.inference_mode():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        for _ in range(repeats):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                for _ in range(calls):
+                    fn()
+                times[name].append((time.perf_counter() - start) * 1e3 / calls)
+    out = {}
+    for name, ts in times.items():
+        quartiles = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+        out[name] = {"median_ms": statistics.median(ts), "iqr_ms": quartiles[2] - quartiles[0]}
+    return out
+
+
 def _fmt(value: object) -> str:
     if isinstance(value, float):
         if value != value:  # NaN: the quantity does not apply (e.g. bits per quantized param of a float model)

@@ -36,6 +36,7 @@ class QATPrecision(Precision):
         freeze_observer_step: step after which static-activation observers stop updating.
         freeze_bn_step: step after which folded BatchNorms use their running statistics.
         embeddings: also fake-quantize Embedding tables (weights only, same bits and grouping).
+        fuse: fuse Conv2d-BatchNorm2d(-ReLU) and Linear-ReLU runs inside nn.Sequential containers.
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class QATPrecision(Precision):
         freeze_observer_step: int | None = None,
         freeze_bn_step: int | None = None,
         embeddings: bool = False,
+        fuse: bool = True,
         **overrides,
     ) -> None:
         self.mode = mode_spec(mode, family=FAMILY).name
@@ -55,6 +57,7 @@ class QATPrecision(Precision):
             raise TypeError(f"ignore_modules must be a collection of name prefixes, got the string {ignore_modules!r}")
         self.ignore_modules = set(ignore_modules or ())
         self.swaps = {**_SWAPS, torch.nn.Embedding: QATEmbedding} if embeddings else dict(_SWAPS)
+        self.fuse = fuse
         for name, value in (("start_step", start_step), ("freeze_observer_step", freeze_observer_step),
                             ("freeze_bn_step", freeze_bn_step)):  # fmt: skip
             if value is not None and value < 0:
@@ -80,7 +83,8 @@ class QATPrecision(Precision):
                     group_view(m.weight, self.config.group_size, self.config.per_channel)
                 except ValueError as err:
                     raise ValueError(f"{name}: {err}") from None
-        self._fuse_sequential(module, ignore)
+        if self.fuse:
+            self._fuse_sequential(module, ignore)
         replace_modules(
             module,
             lambda name, child: type(child) in self.swaps and not is_ignored(name, ignore),

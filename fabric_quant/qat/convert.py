@@ -195,7 +195,7 @@ class Int8Conv(_Int8Weight, torch.nn.Module):
         self.onednn = (
             backend == "x86" and self.dims == 2 and self.activations == "static" and not isinstance(qat.padding, str)
         )
-        self.emit = None  # (scale, zero point) of the next int8 conv's input, set by convert() when chained
+        self._emit_to: list[Int8Conv] = []  # the next int8 conv, set by convert() when chained (list: no submodule)
 
     def _clear_caches(self) -> None:
         super()._clear_caches()
@@ -224,7 +224,9 @@ class Int8Conv(_Int8Weight, torch.nn.Module):
             )
             self._packed = (packed, w_scale, torch.zeros(self.weight_shape[0], dtype=torch.long))
         packed, w_scale, w_zero = self._packed
-        out_scale, out_zero, out_dtype = (1.0, 0, torch.float32) if self.emit is None else (*self.emit, None)
+        out_scale, out_zero, out_dtype = 1.0, 0, torch.float32
+        if self._emit_to:  # requantize for the next conv's input (read live: a loaded checkpoint updates it)
+            out_scale, out_zero, out_dtype = float(self._emit_to[0].act_scale), int(self._emit_to[0].act_zero_point), None
         return torch.ops.onednn.qconv_pointwise(
             x, scale, zero_point, packed, w_scale, w_zero, self.bias, stride, padding, dilation, args["groups"],
             out_scale, out_zero, out_dtype, "relu" if self.relu else "none", [], "",
@@ -263,7 +265,7 @@ def _chain_int8_convs(model: torch.nn.Module) -> None:
         layers = [m for m in seq if not isinstance(m, torch.nn.Identity)]
         for first, second in itertools.pairwise(layers):
             if isinstance(first, Int8Conv) and isinstance(second, Int8Conv) and first.onednn and second.onednn:
-                first.emit = (float(second.act_scale), int(second.act_zero_point))
+                first._emit_to = [second]
 
 
 def convert(model: torch.nn.Module, inplace: bool = False, backend: str = "auto") -> torch.nn.Module:

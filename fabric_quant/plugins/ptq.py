@@ -1,0 +1,65 @@
+"""``PTQPrecision``: post-training int8 quantization applied by ``fabric.setup_module`` (inference)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from lightning.fabric.plugins import Precision
+from typing_extensions import override
+
+from fabric_quant.kernels import select_backend
+from fabric_quant.layers.base import QuantizedLinear
+from fabric_quant.numerics.observers import OBSERVERS
+from fabric_quant.registry import mode_spec, register_mode
+
+FAMILY = "ptq"
+
+
+class PTQPrecision(Precision):
+    """Quantize a trained model when Fabric sets it up: ``ptq-dynamic-int8`` (no data needed) or ``ptq-static-int8``
+    (``calibration_data`` required). See :func:`fabric_quant.ptq.quantize_dynamic` / ``quantize_static``."""
+
+    def __init__(
+        self,
+        mode: str = "ptq-dynamic-int8",
+        *,
+        calibration_data: Iterable | None = None,
+        observer: str = "minmax",
+        per_channel: bool = True,
+        backend: str = "auto",
+        ignore_modules: Iterable[str] | None = None,
+    ) -> None:
+        self.mode = mode_spec(mode, family=FAMILY).name
+        self.static = mode_spec(mode).options["static"]
+        if self.static and calibration_data is None:
+            raise ValueError(f"PTQPrecision({mode!r}) needs calibration_data (batches of model inputs)")
+        if not self.static and calibration_data is not None:
+            raise ValueError(f"PTQPrecision({mode!r}) quantizes activations on the fly: calibration_data is unused")
+        if observer not in OBSERVERS:
+            raise ValueError(f"Unknown observer {observer!r}. Valid choices: {', '.join(OBSERVERS)}")
+        self.backend = select_backend(backend)
+        self.calibration_data, self.observer, self.per_channel = calibration_data, observer, per_channel
+        self.ignore_modules = ignore_modules
+
+    @override
+    def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
+        from fabric_quant.ptq import quantize_dynamic, quantize_static
+
+        if any(isinstance(m, QuantizedLinear) for m in module.modules()):
+            return module  # already quantized (idempotent, like the other plugins)
+        if self.static:
+            return quantize_static(
+                module, self.calibration_data, observer=self.observer, per_channel=self.per_channel,
+                backend=self.backend, ignore_modules=self.ignore_modules,
+            )  # fmt: skip
+        return quantize_dynamic(module, per_channel=self.per_channel, ignore_modules=self.ignore_modules)
+
+    def __repr__(self) -> str:
+        return f"PTQPrecision(mode={self.mode!r}, backend={self.backend!r})"
+
+
+register_mode("ptq-dynamic-int8", PTQPrecision, family=FAMILY, options={"static": False},
+              description="PTQ: int8 weights, int8 activations per token on the fly (Linear, LSTM, GRU)")  # fmt: skip
+register_mode("ptq-static-int8", PTQPrecision, family=FAMILY, options={"static": True},
+              description="PTQ: int8 weights and calibrated int8 activations (Linear, Conv; BN folded)")  # fmt: skip
