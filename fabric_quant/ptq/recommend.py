@@ -111,9 +111,16 @@ def recommend(
     latency = measure_latencies({n: (lambda m=m: call_model(m, example_input)) for n, m in models.items()}, repeats)
     base_ms = latency["fp32"]["median_ms"]
     candidates = [
-        Candidate(name, metrics[name], metrics["fp32"] - metrics[name], latency[name]["median_ms"],
-                  base_ms / latency[name]["median_ms"], footprint(m).total_bytes / 1e6,
-                  metrics["fp32"] - metrics[name] <= tolerance, m)  # fmt: skip
+        Candidate(
+            name,
+            metrics[name],
+            metrics["fp32"] - metrics[name],
+            latency[name]["median_ms"],
+            base_ms / latency[name]["median_ms"],
+            footprint(m).total_bytes / 1e6,
+            metrics["fp32"] - metrics[name] <= tolerance,
+            m,
+        )  # fmt: skip
         for name, m in models.items()
     ]
     ranked = [candidates[0]] + sorted(candidates[1:], key=lambda c: (not c.within_tolerance, c.latency_ms))

@@ -85,4 +85,3 @@ class DynamicInt8RNN(QuantizedLinear, torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.rnn_type.__name__}({', '.join(f'{k}={v}' for k, v in self.config.items())}), int8 weights"
-

@@ -210,6 +210,7 @@ class Int8Conv(_Int8Weight, torch.nn.Module):
         out = conv(self._quantize_input(x), self.compute_weight(x.dtype), self.bias, **self.conv_args)
         return torch.relu(out) if self.relu else out
 
+    @torch.compiler.disable  # already one fused oneDNN kernel; inductor's re-lowering of it mis-strides outputs
     def _onednn_forward(self, x: torch.Tensor) -> torch.Tensor:
         scale, zero_point = float(self.act_scale), int(self.act_zero_point)
         if x.dtype != torch.uint8:
@@ -226,7 +227,11 @@ class Int8Conv(_Int8Weight, torch.nn.Module):
         packed, w_scale, w_zero = self._packed
         out_scale, out_zero, out_dtype = 1.0, 0, torch.float32
         if self._emit_to:  # requantize for the next conv's input (read live: a loaded checkpoint updates it)
-            out_scale, out_zero, out_dtype = float(self._emit_to[0].act_scale), int(self._emit_to[0].act_zero_point), None
+            out_scale, out_zero, out_dtype = (
+                float(self._emit_to[0].act_scale),
+                int(self._emit_to[0].act_zero_point),
+                torch.uint8,
+            )
         return torch.ops.onednn.qconv_pointwise(
             x, scale, zero_point, packed, w_scale, w_zero, self.bias, stride, padding, dilation, args["groups"],
             out_scale, out_zero, out_dtype, "relu" if self.relu else "none", [], "",

