@@ -32,14 +32,15 @@ def measure_latency(fn: Callable[[], object], repeats: int, warmup: int = 2) -> 
 
 
 def measure_latencies(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, calls: int = 1
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, calls: int = 1, inference: bool = True
 ) -> dict[str, dict[str, float]]:
     """Like :func:`measure_latency` for several candidates, interleaved (round robin, ``calls`` calls per turn):
-    on a shared machine a slow spell then hits every candidate alike, so their ratios stay meaningful."""
+    on a shared machine a slow spell then hits every candidate alike, so their ratios stay meaningful.
+    ``inference=False`` times training steps (autograd on)."""
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     times: dict[str, list[float]] = {name: [] for name in fns}
-    with torch.inference_mode():
+    with torch.inference_mode(inference):
         for fn in fns.values():
             for _ in range(warmup):
                 fn()

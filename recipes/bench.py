@@ -270,7 +270,7 @@ def setup(
         inputs = the_task.inputs(b)
         calls = {name: _call(m, inputs, dtypes[name]) for name, m in models.items()}
         with torch.inference_mode():
-            for name, fn in tqdm(calls.items(), desc=f"compile/warm-up b{b}", leave=False):
+            for fn in tqdm(calls.values(), desc=f"compile/warm-up b{b}", leave=False):
                 fn()
         for name, lat in measure_latencies(calls, repeats).items():
             rows[name][f"b{b}_ms"], rows[name][f"b{b}_iqr_ms"] = lat["median_ms"], lat["iqr_ms"]
@@ -281,7 +281,7 @@ def setup(
         inputs = the_task.inputs(b)
         trainable = [m for m in modes if m in BASELINES or m in fq.available_modes("bitsandbytes")]
         steps = {m: train_step(copy.deepcopy(models[m]) if m in COMPILED else models[m], inputs) for m in trainable}
-        for name, lat in measure_latencies(steps, max(3, repeats // 4)).items():
+        for name, lat in measure_latencies(steps, max(3, repeats // 4), inference=False).items():
             rows[name][f"train_b{b}_ms"] = lat["median_ms"]
         for name in steps:
             rows[name][f"train_vs_fp32_b{b}"] = rows[name][f"train_b{b}_ms"] / rows["fp32"][f"train_b{b}_ms"]
@@ -302,13 +302,12 @@ def setup(
         f" {backend}.  \nLatency: median (and IQR) of {repeats} interleaved calls per row, {what}; speedup ="
         f" eager fp32 time / row time, same run. `+compile` = inductor with freezing (first call compiles, not"
         f" timed). fidelity = {the_task.fidelity}."
-        + (
+    )
+    if task == "minilm":
+        header += (
             f" train = forward + backward to the input embeddings through the frozen model, batch"
             f" {max(batch_sizes)} (QLoRA's path); ratio vs fp32."
-            if task == "minilm"
-            else ""
-        )  # fmt: skip
-    )
+        )
     metrics = ["size_mb", *(f"b{b}_ms" for b in batch_sizes), "fidelity"]
     plot = bar_panels(table, "mode", metrics, f"Quantization modes: {the_task.name}")
     paths = write_report(table, columns, out_dir, "bench", header, plot)

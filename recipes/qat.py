@@ -25,7 +25,8 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import fabric_quant as fq
-from fabric_quant.report import bar_panels, machine_name, measure_latency, write_report
+from fabric_quant.kernels import compile_model
+from fabric_quant.report import bar_panels, machine_name, measure_latencies, write_report
 
 COLUMNS = ("model", "accuracy", "checkpoint_mb", "size_ratio", "latency_b1_ms", "speedup_b1", "agreement_with_qat")
 
@@ -149,6 +150,7 @@ def setup(
     freeze_bn_step: int | None = None,
     repeats: int = 20,
     threads: int = 2,
+    compile: bool = False,
     seed: int = 42,
     out_dir: Path = Path("runs/qat"),
 ) -> list[dict]:
@@ -171,6 +173,8 @@ def setup(
         freeze_bn_step: QAT step after which BatchNorm statistics freeze; default: half-way into QAT.
         repeats: timed batch-1 forwards per model.
         threads: torch CPU threads for the latency measurement.
+        compile: also time fp32 and the converted models under `fabric_quant.kernels.compile_model` (inductor with
+            freezing: the int8 GEMMs become oneDNN AMX/VNNI kernels); rows `... +compile`.
         seed: seeds data split, order and initialisation.
         out_dir: where qat_results.{md,csv,png} and the checkpoints go.
     """
@@ -210,7 +214,7 @@ def setup(
     qat.eval()
     deployed = qat_plugin.convert(qat)
 
-    rows, out_dir = [], Path(out_dir)
+    rows, out_dir, timed = [], Path(out_dir), {}
     _, qat_preds = evaluate(qat, val_data, batch_size)
     for name, model in (("fp32", float_model), (f"PTQ {mode}", ptq_deployed), (f"QAT {mode} (fake-quant)", qat),
                         (f"QAT {mode} (converted)", deployed)):  # fmt: skip
@@ -224,9 +228,17 @@ def setup(
             else:
                 fq.save_quantized(model, path)
             row["checkpoint_mb"] = os.path.getsize(path) / 1e6
-            with torch.inference_mode():
-                row["latency_b1_ms"] = measure_latency(partial(_call, model.eval(), one), repeats)["median_ms"]
+            timed[name] = (row, model.eval())
         rows.append(row)
+        if compile and name in timed and "PTQ" not in name:
+            rows.append({**row, "model": f"{name} +compile"})
+            timed[f"{name} +compile"] = (rows[-1], compile_model(model))
+    calls = {name: partial(_call, model, one) for name, (_, model) in timed.items()}
+    with torch.inference_mode():
+        for fn in calls.values():  # compiles the +compile rows before timing
+            fn()
+    for name, lat in measure_latencies(calls, repeats).items():  # interleaved: ratios from one run
+        timed[name][0]["latency_b1_ms"] = lat["median_ms"]
     base = rows[0]
     for row in rows:
         if "checkpoint_mb" in row:
@@ -236,8 +248,9 @@ def setup(
         f"# QAT vs PTQ on {task} ({mode})\n\nCommand: `python recipes/qat.py --task {task} --mode {mode}`"
         f" (seed {seed}); {machine_name()}, torch {torch.__version__}, {threads} threads. Accuracy on the held-out"
         f" split ({len(val_data[1])} examples); sizes are safetensors files; latency = median of {repeats} batch-1"
-        " forwards; ratios against fp32 in the same run. agreement_with_qat = argmax agreement with the"
-        " fake-quant QAT model."
+        " forwards (interleaved); ratios against eager fp32 in the same run;"
+        " `+compile` = inductor with freezing (accuracy: the eager model's). agreement_with_qat = argmax"
+        " agreement with the fake-quant QAT model."
     )
     plot = bar_panels([r for r in rows if "checkpoint_mb" in r], "model", ["accuracy", "checkpoint_mb",
                       "latency_b1_ms"], f"QAT on {task}")  # fmt: skip

@@ -51,9 +51,10 @@ class PTQPrecision(Precision):
         if self.static:
             return quantize_static(
                 module, self.calibration_data, observer=self.observer, per_channel=self.per_channel,
-                backend=self.backend, ignore_modules=self.ignore_modules,
+                backend=self.backend, ignore_modules=self.ignore_modules, inplace=True,
             )  # fmt: skip
-        return quantize_dynamic(module, per_channel=self.per_channel, ignore_modules=self.ignore_modules)
+        # in place: Fabric's wrapper keeps a reference to the module it was given (``.module``)
+        return quantize_dynamic(module, per_channel=self.per_channel, ignore_modules=self.ignore_modules, inplace=True)
 
     def __repr__(self) -> str:
         return f"PTQPrecision(mode={self.mode!r}, backend={self.backend!r})"

@@ -110,20 +110,12 @@ def recommend(
         metrics = {name: float(eval_fn(m, val_data)) for name, m in models.items()}
     latency = measure_latencies({n: (lambda m=m: call_model(m, example_input)) for n, m in models.items()}, repeats)
     base_ms = latency["fp32"]["median_ms"]
-    candidates = [
-        Candidate(
-            name,
-            metrics[name],
-            metrics["fp32"] - metrics[name],
-            latency[name]["median_ms"],
-            base_ms / latency[name]["median_ms"],
-            footprint(m).total_bytes / 1e6,
-            metrics["fp32"] - metrics[name] <= tolerance,
-            m,
-        )  # fmt: skip
-        for name, m in models.items()
-    ]
-    ranked = [candidates[0]] + sorted(candidates[1:], key=lambda c: (not c.within_tolerance, c.latency_ms))
+    candidates = []
+    for name, m in models.items():
+        drop, ms = metrics["fp32"] - metrics[name], latency[name]["median_ms"]
+        size = footprint(m).total_bytes / 1e6
+        candidates.append(Candidate(name, metrics[name], drop, ms, base_ms / ms, size, drop <= tolerance, m))
+    ranked = [candidates[0], *sorted(candidates[1:], key=lambda c: (not c.within_tolerance, c.latency_ms))]
     ok = [c for c in ranked[1:] if c.within_tolerance]
     static = next((c for c in candidates if c.scheme == "static"), None)
     if ok and ok[0].speedup > 1:

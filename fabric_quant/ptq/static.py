@@ -41,6 +41,7 @@ def quantize_static(
     backend: str = "auto",
     ignore_modules: Iterable[str] | None = None,
     progress: bool = True,
+    inplace: bool = False,
 ) -> torch.nn.Module:
     """Return an int8 copy of ``model`` (Linear, Conv1d/2d; BatchNorm folded) with calibrated activation scales.
 
@@ -52,6 +53,9 @@ def quantize_static(
         weight_bits: 8, or 4 (int4 values run on the same int8 kernels; the checkpoint packs them).
         backend: ``auto``, ``x86`` (oneDNN int8) or ``reference`` (portable); see :mod:`fabric_quant.kernels`.
         ignore_modules: module-name prefixes kept in float.
+        progress: show a progress bar over the calibration batches.
+        inplace: quantize ``model`` itself (the options are validated first; calibration data that turns out
+            to be empty or to miss layers then leaves it prepared but unconverted) instead of a deep copy.
     """
     backend = select_backend(backend)
     if isinstance(calibration_data, Sized) and len(calibration_data) == 0:
@@ -60,7 +64,7 @@ def quantize_static(
         "qat-int8-static", observer=observer, per_channel=per_channel, fuse=fuse, weight_bits=weight_bits,
         ignore_modules=ignore_modules,
     )  # fmt: skip
-    work = plugin.convert_module(copy.deepcopy(model))  # validates every option before any calibration
+    work = plugin.convert_module(model if inplace else copy.deepcopy(model))  # validates before changing anything
     plugin.enable_fake_quant(work, False)  # observers record float activations
     work.eval()
     batches = 0

@@ -1,0 +1,283 @@
+"""Post-training quantization: observers, fusion numerics, per-channel vs per-tensor, dynamic LSTM/GRU on real
+sequences, save/reload, backend selection, the plugin modes, recommend(), and bad input."""
+
+import copy
+import os
+
+import pytest
+import torch
+from lightning.fabric import Fabric
+from safetensors.torch import save_file
+
+import fabric_quant as fq
+from fabric_quant.kernels import onednn_int8_available, select_backend
+from fabric_quant.numerics.observers import MinMaxObserver, MSEObserver, PercentileObserver
+from fabric_quant.ptq import DynamicInt8RNN
+from fabric_quant.qat import Int8Conv, Int8Linear
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.tensor(d.images, dtype=torch.float32) / 16, torch.tensor(d.target)
+
+
+def small_cnn():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
+        torch.nn.Linear(16, 10),
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def trained_cnn(digits):
+    x, y = digits
+    x = x.unsqueeze(1)
+    net = small_cnn()
+    opt = torch.optim.Adam(net.parameters(), lr=1e-2)
+    for _ in range(120):
+        idx = torch.randint(0, 1400, (64,), generator=torch.Generator().manual_seed(_))
+        loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return net.eval(), x
+
+
+def accuracy(model, data):
+    x, y = data
+    with torch.no_grad():
+        return (model(x).argmax(1) == y).float().mean().item()
+
+
+def test_percentile_and_mse_observers_clip_outliers_minmax_keeps():
+    torch.manual_seed(0)
+    data = [torch.randn(4096) for _ in range(4)] + [torch.tensor([1000.0])]
+    observers = [MinMaxObserver(), PercentileObserver(), MSEObserver()]
+    for obs in observers:
+        for batch in data:
+            obs(batch)
+    minmax, pct, mse = (obs.qparams()[0].item() for obs in observers)
+    assert minmax == pytest.approx((1000 - data_min(data)) / 255, rel=1e-5)
+    assert pct < minmax / 50  # the 99.99 % range ignores the single 1000
+    assert mse <= minmax  # never wider than min/max
+
+
+def data_min(data):
+    return min(float(t.min()) for t in data)
+
+
+def test_mse_observer_minimises_quantization_error():
+    torch.manual_seed(0)
+    x = torch.randn(20000)
+    obs, ref = MSEObserver(), MinMaxObserver()
+    obs(x), ref(x)
+
+    def err(o):
+        scale, zp = o.qparams()
+        return (torch.fake_quantize_per_tensor_affine(x, scale, zp, 0, 255) - x).pow(2).mean()
+
+    assert err(obs) <= err(ref)
+
+
+def test_static_cnn_is_int8_fused_and_accurate(trained_cnn, digits):
+    net, x = trained_cnn
+    _, y = digits
+    q = fq.quantize_static(net, list(x[:512].split(64)), progress=False)
+    kinds = [type(m) for m in q]
+    assert kinds.count(Int8Conv) == 2 and kinds.count(Int8Linear) == 2
+    assert kinds.count(torch.nn.BatchNorm2d) == 0 and kinds.count(torch.nn.ReLU) == 0  # folded / fused
+    assert q[8].relu and q[0].relu
+    val = (x[1400:], y[1400:])
+    assert accuracy(q, val) >= accuracy(net, val) - 0.02
+    assert not any(isinstance(m, Int8Conv) for m in net.modules())  # the float model is untouched
+
+
+def test_linear_relu_fusion_matches_unfused_reference():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+    calib = [torch.randn(32, 16) for _ in range(4)]
+    fused = fq.quantize_static(net, calib, progress=False)
+    unfused = fq.quantize_static(net, calib, fuse=False, progress=False)
+    assert isinstance(fused[1], torch.nn.Identity) and isinstance(unfused[1], torch.nn.ReLU)
+    x = torch.randn(8, 16)
+    with torch.no_grad():
+        assert torch.allclose(fused(x), unfused(x), atol=1e-5)
+
+
+def test_per_channel_beats_per_tensor_on_uneven_rows():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 8)
+    with torch.no_grad():
+        lin.weight.mul_(torch.logspace(-2, 1, 8)[:, None])  # rows of very different magnitude
+    net = torch.nn.Sequential(lin)
+    x = torch.randn(64, 64)
+    with torch.no_grad():
+        ref = net(x)
+        # error on the smallest output row, relative to its size: per-tensor spends the grid on the largest row
+        errs = {
+            pc: ((fq.quantize_dynamic(net, per_channel=pc)(x) - ref)[:, 0].norm() / ref[:, 0].norm()).item()
+            for pc in (True, False)
+        }
+    per_tensor = fq.quantize_dynamic(net, per_channel=False)
+    assert per_tensor[0].weight_scale.numel() == 1 and errs[True] < errs[False] / 5, errs
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_dynamic_rnn_against_float_on_digit_rows(kind, digits):
+    x, _ = digits
+    seqs = x[:64]  # each image as a sequence of 8 rows of 8 pixels
+    torch.manual_seed(0)
+    cls = torch.nn.LSTM if kind == "lstm" else torch.nn.GRU
+    model = torch.nn.Sequential()
+    model.rnn = cls(8, 32, num_layers=2, batch_first=True, bidirectional=True)
+    q = fq.quantize_dynamic(model)
+    assert isinstance(q.rnn, DynamicInt8RNN) and q.rnn.qweight0.dtype == torch.int8
+    with torch.no_grad():
+        ref, _ = model.rnn(seqs)
+        out, _ = q.rnn(seqs)
+    assert torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).min() > 0.999
+    assert (out - ref).abs().max() < 0.05
+    assert 8 < fq.footprint(q).bits_per_quantized_param < 9.5  # int8 + an fp32 scale per gate row
+
+
+def test_dynamic_rnn_and_linear_save_reload(tmp_path, digits):
+    x, _ = digits
+    torch.manual_seed(0)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = torch.nn.LSTM(8, 64, batch_first=True)
+            self.head = torch.nn.Linear(64, 10)
+
+        def forward(self, seq):
+            return self.head(self.rnn(seq)[0][:, -1])
+
+    net = Net().eval()
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, tmp_path / "fp32.safetensors")
+    q = fq.quantize_dynamic(net)
+    path = fq.save_quantized(q, tmp_path / "int8.safetensors")
+    assert os.path.getsize(tmp_path / "fp32.safetensors") / os.path.getsize(path) > 3.0
+    fresh = fq.quantize_dynamic(Net())  # different random weights until the load
+    fq.load_quantized(fresh, path)
+    with torch.no_grad():
+        assert torch.equal(fresh(x[:16]), q(x[:16]))
+
+
+def test_static_save_reload_keeps_calibration(tmp_path, trained_cnn):
+    net, x = trained_cnn
+    q = fq.quantize_static(net, list(x[:256].split(64)), progress=False)
+    path = fq.save_quantized(q, tmp_path / "static.safetensors")
+    other = fq.quantize_static(small_cnn().eval(), [x[:8] * 3], progress=False)  # same structure, other scales
+    fq.load_quantized(other, path)
+    with torch.no_grad():
+        assert torch.equal(other(x[:32]), q(x[:32]))
+
+
+def test_backend_selection_and_reference_equivalence(trained_cnn):
+    net, x = trained_cnn
+    assert select_backend("auto") in ("x86", "reference")
+    assert select_backend("reference") == "reference"
+    with pytest.raises(ValueError, match=r"Unknown backend 'qnnpack'\. Valid choices: auto, x86, reference"):
+        select_backend("qnnpack")
+    calib = list(x[:256].split(64))
+    ref = fq.quantize_static(net, calib, backend="reference", progress=False)
+    assert not any(m.onednn for m in ref.modules() if isinstance(m, Int8Conv))
+    if onednn_int8_available():
+        fast = fq.quantize_static(net, calib, backend="x86", progress=False)
+        assert all(m.onednn for m in fast.modules() if isinstance(m, Int8Conv))
+        assert fast[0]._emit_to == [fast[3]]  # activations stay uint8 between the two convs
+        with torch.no_grad():
+            a, b = fast(x[:128]), ref(x[:128])
+        assert (a.argmax(1) == b.argmax(1)).float().mean() >= 0.99
+        assert torch.isclose(a, b, atol=1e-3, rtol=1e-3).float().mean() >= 0.95
+
+
+def test_plugin_modes_in_fabric(trained_cnn):
+    net, x = trained_cnn
+    assert set(fq.available_modes("ptq")) == {"ptq-dynamic-int8", "ptq-static-int8"}
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=fq.precision_plugin("ptq-static-int8",
+                    calibration_data=list(x[:128].split(64))))  # fmt: skip
+    model = fabric.setup_module(copy.deepcopy(net))
+    assert any(isinstance(m, Int8Conv) for m in model.module.modules())
+    dyn = Fabric(accelerator="cpu", devices=1, plugins=fq.precision_plugin("ptq-dynamic-int8"))
+    model = dyn.setup_module(torch.nn.Sequential(torch.nn.Linear(8, 8)))
+    assert isinstance(model.module[0], Int8Linear)
+    with pytest.raises(ValueError, match="needs calibration_data"):
+        fq.precision_plugin("ptq-static-int8")
+    with pytest.raises(ValueError, match=r"Unknown ptq mode 'ptq-int3'\. Valid choices: ptq-dynamic-int8"):
+        fq.PTQPrecision("ptq-int3")
+
+
+def test_recommend_on_a_tiny_cnn(trained_cnn, digits):
+    net, x = trained_cnn
+    _, y = digits
+    rec = fq.recommend(net, accuracy, (x[1400:], y[1400:]), tolerance=0.02,
+                       calibration_data=list(x[:256].split(64)), example_input=x[:1], repeats=3)  # fmt: skip
+    assert rec.proposed == "static"
+    assert rec.candidates[0].scheme == "fp32" and {c.scheme for c in rec.candidates} == {
+        "fp32", "dynamic", "static"}  # fmt: skip
+    static = next(c for c in rec.candidates if c.scheme == "static")
+    assert static.within_tolerance and static.size_mb < rec.candidates[0].size_mb / 2
+    assert rec.best in ("static", "dynamic", "fp32") and "|" in rec.markdown()
+
+
+def test_recommend_on_a_tiny_transformer_and_qat_fallback(tiny_bert_dir):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_bert_dir).eval()
+    ids = torch.randint(5, 90, (4, 16))
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state
+
+    def cosine(m, data):
+        with torch.no_grad():
+            out = m(input_ids=data).last_hidden_state
+        return torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).mean().item()
+
+    calib = [{"input_ids": ids}]
+    rec = fq.recommend(model, cosine, ids, tolerance=0.05, calibration_data=calib, repeats=3)
+    assert rec.proposed == "dynamic"
+    dynamic = next(c for c in rec.candidates if c.scheme == "dynamic")
+    assert dynamic.drop < 0.05
+    strict = fq.recommend(model, cosine, ids, tolerance=0.0, calibration_data=calib, repeats=3)
+    static = next(c for c in strict.candidates if c.scheme == "static")
+    if static.drop > 0:  # any loss is over a zero tolerance: static loses too much -> QAT advice
+        assert "QAT" in strict.advice
+
+
+def test_bad_input_is_rejected_clearly(trained_cnn):
+    net, x = trained_cnn
+    with pytest.raises(ValueError, match="calibration_data is empty"):
+        fq.quantize_static(net, [])
+    with pytest.raises(ValueError, match="calibration_data is empty"):
+        fq.quantize_static(net, iter([]))
+    with pytest.raises(ValueError, match=r"observer='histo' is not supported\. Valid choices: \('minmax', 'moving"):
+        fq.quantize_static(net, [x[:4]], observer="histo")
+    with pytest.raises(ValueError, match="Unknown backend 'fbgemm'"):
+        fq.quantize_static(net, [x[:4]], backend="fbgemm")
+    with pytest.raises(TypeError, match="found no linear/lstm/gru layer"):
+        fq.quantize_dynamic(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)))
+    with pytest.raises(ValueError, match=r"layers=\['conv'\]: valid choices are any of \('linear', 'lstm', 'gru'\)"):
+        fq.quantize_dynamic(net, layers=["conv"])
+    with pytest.raises(ValueError, match="proj_size"):
+        fq.quantize_dynamic(torch.nn.Sequential(torch.nn.LSTM(4, 8, proj_size=2)))
+    with pytest.raises(TypeError, match="no Linear, Conv1d/2d, LSTM or GRU"):
+        fq.recommend(torch.nn.Sequential(torch.nn.ReLU()), accuracy, None, example_input=x[:1])
+
+    class Branchy(torch.nn.Module):  # calibration never runs the second branch
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = torch.nn.Linear(64, 4), torch.nn.Linear(64, 4)
+
+        def forward(self, x):
+            return self.a(x.flatten(1))
+
+    with pytest.raises(ValueError, match=r"calibration never reached \['b'\]"):
+        fq.quantize_static(Branchy(), [x[:4]])
