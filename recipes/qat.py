@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 import fabric_quant as fq
 from fabric_quant.kernels import compile_model
+from fabric_quant.models import digits_cnn
 from fabric_quant.report import bar_panels, machine_name, measure_latencies, write_report
 
 COLUMNS = ("model", "accuracy", "checkpoint_mb", "size_ratio", "latency_b1_ms", "speedup_b1", "agreement_with_qat")
@@ -42,12 +43,7 @@ def digits_task(seed: int, max_seq_length: int, model_path: Path | None):
     cut = int(0.8 * len(y))
     tr, te = perm[:cut], perm[cut:]
     torch.manual_seed(seed)
-    net = torch.nn.Sequential(
-        torch.nn.Conv2d(1, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
-        torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
-        torch.nn.Conv2d(64, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
-        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(64, 10),
-    )  # fmt: skip
+    net = digits_cnn()
     return net, ({"x": x[tr]}, y[tr]), ({"x": x[te]}, y[te]), {"x": x[te[:1]]}
 
 
