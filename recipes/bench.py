@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import fabric_quant as fq
 from fabric_quant.kernels import can_compile, compile_model, cpu_features, select_backend
-from fabric_quant.models import digits_cnn
+from fabric_quant.models import digits_cnn, sentence_embeddings
 from fabric_quant.report import bar_panels, machine_name, measure_latencies, write_report
 
 BASELINES = ("fp32", "bf16")
@@ -92,13 +92,8 @@ class MiniLMTask(Task):
         return [self._encode(self.calib_texts[i : i + 16]) for i in range(0, 64, 16)]
 
     def score(self, model, reference):
-        embs = []
-        for i in range(0, len(self.texts), 32):
-            batch = self._encode(self.texts[i : i + 32])
-            hidden = model(**batch).last_hidden_state.float()
-            mask = batch["attention_mask"].unsqueeze(-1).float()
-            embs.append(torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1))
-        emb = torch.cat(embs)
+        batches = (self._encode(self.texts[i : i + 32]) for i in range(0, len(self.texts), 32))
+        emb = torch.cat([sentence_embeddings(model, batch) for batch in batches])
         return (1.0 if reference is None else (emb * reference).sum(-1).mean().item()), emb
 
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 import fabric_quant as fq
 from fabric_quant.data import topic_paragraphs
-from fabric_quant.models import minilm_path
+from fabric_quant.models import minilm_path, sentence_embeddings
 from fabric_quant.report import bar_panels, machine_name, measure_latency, write_report
 
 FABRIC_PRECISIONS = ("32-true", "bf16-true", "16-true")
@@ -43,13 +43,6 @@ def check_modes(modes: list[str]) -> None:
     bad = [m for m in modes if m not in valid]
     if bad or not modes:
         raise ValueError(f"Unknown mode(s) {bad or modes}. Valid choices: {', '.join(valid)}")
-
-
-def embed(model, batch: dict) -> torch.Tensor:
-    """Mean-pooled, L2-normalised sentence embeddings (what sentence-transformers does for this model)."""
-    hidden = model(**batch).last_hidden_state.float()
-    mask = batch["attention_mask"].unsqueeze(-1).float()
-    return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
 
 
 def setup(
@@ -100,7 +93,7 @@ def setup(
         net = fabric.setup_module(AutoModel.from_pretrained(path, dtype=torch.float32))
         net.eval()
         with torch.inference_mode():
-            emb = torch.cat([embed(net, b) for b in text_batches])
+            emb = torch.cat([sentence_embeddings(net, b) for b in text_batches])
         reference = emb if reference is None else reference
         cos = (emb * reference).sum(-1)
         fp = fq.footprint(net)

@@ -87,3 +87,16 @@ def test_fsdp_single_gpu_with_4bit_base():
     x = torch.randn(4, 512, device="cuda", requires_grad=True)
     model(x).float().sum().backward()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("rows", [4, 32])
+def test_dynamic_int8_linear_on_the_gpu_any_batch(rows):
+    # CUDA's torch._int_mm needs > 16 rows: fewer take the float reference path, with the same numbers
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32))
+    q = fq.quantize_dynamic(net).cuda()
+    x = torch.randn(rows, 64)
+    with torch.no_grad():
+        got = q(x.cuda()).cpu()
+        ref = fq.quantize_dynamic(net)(x)
+    assert torch.allclose(got, ref, atol=1e-4, rtol=1e-4)

@@ -10,7 +10,7 @@ from lightning.fabric import Fabric
 from safetensors.torch import save_file
 
 import fabric_quant as fq
-from fabric_quant.kernels import onednn_int8_available, select_backend
+from fabric_quant.kernels import can_compile, compile_model, onednn_int8_available, select_backend
 from fabric_quant.numerics.observers import MinMaxObserver, MSEObserver, PercentileObserver
 from fabric_quant.ptq import DynamicInt8RNN
 from fabric_quant.qat import Int8Conv, Int8Linear
@@ -281,3 +281,17 @@ def test_bad_input_is_rejected_clearly(trained_cnn):
 
     with pytest.raises(ValueError, match=r"calibration never reached \['b'\]"):
         fq.quantize_static(Branchy(), [x[:4]])
+
+
+@pytest.mark.skipif(not (can_compile() and onednn_int8_available()), reason="needs a C++ compiler and oneDNN")
+def test_compile_model_lowers_dynamic_int8_linear_to_onednn_int8_gemm():
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    q = fq.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)))
+    x = torch.randn(8, 64)
+    with torch.inference_mode():
+        out, code = run_and_get_code(lambda: compile_model(q)(x))
+        ref = q(x)
+    assert "onednn.qlinear_pointwise" in "".join(code)  # the int8 kernel, not a float fallback
+    assert torch.allclose(out, ref, atol=1e-5)

@@ -32,9 +32,12 @@ class MinMaxObserver(torch.nn.Module):
     def calibrated(self) -> bool:
         return bool(torch.isfinite(self.min_val)) and bool(torch.isfinite(self.max_val))
 
-    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _check_calibrated(self) -> None:
         if not self.calibrated:
             raise RuntimeError(f"{type(self).__name__} has seen no data: run calibration batches first")
+
+    def qparams(self) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check_calibrated()
         return scale_zero_point(self.min_val, self.max_val, self.bits, self.symmetric)
 
 
@@ -83,8 +86,7 @@ class _SampleObserver(MinMaxObserver):
         return x
 
     def _sample(self) -> torch.Tensor:
-        if not self.calibrated:
-            raise RuntimeError(f"{type(self).__name__} has seen no data: run calibration batches first")
+        self._check_calibrated()
         return torch.cat(self.samples)
 
 

@@ -10,7 +10,7 @@ from typing_extensions import override
 
 from fabric_quant.kernels import select_backend
 from fabric_quant.layers.base import QuantizedLinear
-from fabric_quant.numerics.observers import OBSERVERS
+from fabric_quant.qat.layers import QATConfig
 from fabric_quant.registry import mode_spec, register_mode
 
 FAMILY = "ptq"
@@ -36,8 +36,7 @@ class PTQPrecision(Precision):
             raise ValueError(f"PTQPrecision({mode!r}) needs calibration_data (batches of model inputs)")
         if not self.static and calibration_data is not None:
             raise ValueError(f"PTQPrecision({mode!r}) quantizes activations on the fly: calibration_data is unused")
-        if observer not in OBSERVERS:
-            raise ValueError(f"Unknown observer {observer!r}. Valid choices: {', '.join(OBSERVERS)}")
+        QATConfig(activations="static", observer=observer, per_channel=per_channel)  # the options' one check
         self.backend = select_backend(backend)
         self.calibration_data, self.observer, self.per_channel = calibration_data, observer, per_channel
         self.ignore_modules = ignore_modules

@@ -19,6 +19,8 @@ from fabric_quant.plugins.qat import QATPrecision
 from fabric_quant.qat.convert import convert
 from fabric_quant.qat.layers import FakeQuantLayer
 
+_EMPTY = "calibration_data is empty: static quantization needs at least one batch of inputs"
+
 
 def call_model(model: torch.nn.Module, batch):
     """A batch is the model's input: a tensor (``model(x)``), a tuple/list (``model(*batch)``) or a mapping
@@ -59,7 +61,7 @@ def quantize_static(
     """
     backend = select_backend(backend)
     if isinstance(calibration_data, Sized) and len(calibration_data) == 0:
-        raise ValueError("calibration_data is empty: static quantization needs at least one batch of inputs")
+        raise ValueError(_EMPTY)
     plugin = QATPrecision(
         "qat-int8-static", observer=observer, per_channel=per_channel, fuse=fuse, weight_bits=weight_bits,
         ignore_modules=ignore_modules,
@@ -73,7 +75,7 @@ def quantize_static(
             call_model(work, batch)
             batches += 1
     if batches == 0:
-        raise ValueError("calibration_data is empty: static quantization needs at least one batch of inputs")
+        raise ValueError(_EMPTY)
     missed = [
         name for name, m in work.named_modules()
         if isinstance(m, FakeQuantLayer) and m.act_observer is not None and not m.act_observer.calibrated

@@ -1,10 +1,12 @@
 """Conversion of a QAT model to real low-bit storage and integer kernels.
 
-Linear: int8 weights (4-bit ones packed two per byte) with per-channel scales; int8 activations quantized per
-token (dynamic) or with the calibrated scale (static); the product runs as an int8 x int8 -> int32 matmul
-(`torch._int_mm`, a maintained core op) rescaled in float. Shapes that op cannot take, and per-group weights, run
+Linear: int8 weights (4-bit ones packed two per byte) with per-channel (or per-tensor) scales; int8 activations
+quantized per token (dynamic, symmetric) or with the calibrated scale (static); the product runs as an int8 x int8
+-> int32 matmul (`torch._int_mm`, a maintained core op) rescaled in float, which inductor lowers to oneDNN's int8
+GEMM under `fabric_quant.kernels.compile_model`. Shapes that op cannot take (on CUDA), and per-group weights, run
 the float reference path (dequantized weight, same activation rounding): same numbers, no integer speed-up.
-Conv: int8 weights (BatchNorm folded in), computed in float from the dequantized weight (storage saving only).
+Conv: int8 weights (BatchNorm folded in); static-activation Conv2d on the ``x86`` backend runs oneDNN's int8
+convolution, everything else computes in float from the dequantized weight (storage saving only).
 Embedding: int8 rows with a scale each; a lookup gathers and rescales only the rows it reads.
 """
 
@@ -131,8 +133,9 @@ class Int8Linear(_Int8Weight, torch.nn.Module):
     def _integer_ok(self, x: torch.Tensor) -> bool:
         if self.activations == "none" or self.group_size is not None:
             return False  # weight-only, or per-group scales (they do not factor out of the matmul)
-        # CUDA's torch._int_mm takes K and N in multiples of 8 (and M > 16); the CPU kernel takes any shape
-        return x.device.type == "cpu" or (self.in_features % 8 == 0 and self.out_features % 8 == 0)
+        # CUDA's torch._int_mm takes K and N in multiples of 8 and M > 16 rows; the CPU kernel takes any shape
+        rows = x.numel() // self.in_features
+        return x.device.type == "cpu" or (self.in_features % 8 == 0 and self.out_features % 8 == 0 and rows > 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
