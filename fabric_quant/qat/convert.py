@@ -13,6 +13,7 @@ Embedding: int8 rows with a scale each; a lookup gathers and rescales only the r
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 
@@ -202,7 +203,15 @@ class Int8Conv(_Int8Weight, torch.nn.Module):
 
     def _clear_caches(self) -> None:
         super()._clear_caches()
-        self._packed = None
+        self._packed: dict[tuple[int, ...], tuple] = {}
+        self._act: tuple[float, int] | None = None
+
+    def _act_qparams(self) -> tuple[float, int]:
+        """The input's scale and zero point as Python numbers (oneDNN takes them by value; a .item() per call
+        costs), read once per load of this layer."""
+        if self._act is None:
+            self._act = (float(self.act_scale), int(self.act_zero_point))
+        return self._act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.onednn and x.device.type == "cpu":
@@ -215,30 +224,37 @@ class Int8Conv(_Int8Weight, torch.nn.Module):
 
     @torch.compiler.disable  # already one fused oneDNN kernel; inductor's re-lowering of it mis-strides outputs
     def _onednn_forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale, zero_point = float(self.act_scale), int(self.act_zero_point)
+        scale, zero_point = self._act_qparams()
         if x.dtype != torch.uint8:
             x = torch.clamp(torch.round(x.float() * (1.0 / scale)) + zero_point, 0, 255).to(torch.uint8)
         x = x.contiguous(memory_format=torch.channels_last)
         args = self.conv_args
         stride, padding, dilation = (list(args[k]) for k in ("stride", "padding", "dilation"))
-        if self._packed is None:  # weight reordered into oneDNN's blocked layout once
-            w_scale = self.weight_scale.float().expand(self.weight_shape[0]).contiguous()
-            packed = torch.ops.onednn.qconv_prepack(
-                self.int8_weight(), w_scale, scale, zero_point, stride, padding, dilation, args["groups"], None
-            )
-            self._packed = (packed, w_scale, torch.zeros(self.weight_shape[0], dtype=torch.long))
-        packed, w_scale, w_zero = self._packed
+        packed, w_scale, w_zero = self._packed_weight(x.shape, scale, zero_point, stride, padding, dilation)
         out_scale, out_zero, out_dtype = 1.0, 0, torch.float32
         if self._emit_to:  # requantize for the next conv's input (read live: a loaded checkpoint updates it)
-            out_scale, out_zero, out_dtype = (
-                float(self._emit_to[0].act_scale),
-                int(self._emit_to[0].act_zero_point),
-                torch.uint8,
-            )
+            (out_scale, out_zero), out_dtype = self._emit_to[0]._act_qparams(), torch.uint8
         return torch.ops.onednn.qconv_pointwise(
             x, scale, zero_point, packed, w_scale, w_zero, self.bias, stride, padding, dilation, args["groups"],
             out_scale, out_zero, out_dtype, "relu" if self.relu else "none", [], "",
         )  # fmt: skip
+
+
+    def _packed_weight(self, shape, scale, zero_point, stride, padding, dilation) -> tuple:
+        # Packed per input shape: oneDNN picks its kernel (and the weight layout it wants) from the input size;
+        # a weight packed without it gets reordered again on every call (~100 us at batch 1, measured with
+        # ONEDNN_VERBOSE). A few shapes are kept (batch 1 and 8 alternate in the benchmark).
+        key = tuple(shape)
+        if key not in self._packed:
+            if len(self._packed) >= 4:
+                self._packed.pop(next(iter(self._packed)))
+            w_scale = self.weight_scale.float().expand(self.weight_shape[0]).contiguous()
+            packed = torch.ops.onednn.qconv_prepack(
+                self.int8_weight(), w_scale, scale, zero_point, stride, padding, dilation, self.conv_args["groups"],
+                list(key),
+            )  # fmt: skip
+            self._packed[key] = (packed, w_scale, torch.zeros(self.weight_shape[0], dtype=torch.long))
+        return self._packed[key]
 
 
 class Int8Embedding(_Int8Weight, torch.nn.Module):
@@ -265,15 +281,49 @@ _CONVERTED = {
 }
 
 
+class _Uint8MaxPool2d(torch.nn.MaxPool2d):
+    """A max pool between two chained int8 convs: it takes their uint8 activations as they are (a max commutes
+    with the monotone quantization map). torch's max pool refuses uint8 in channels-last and its NCHW integer
+    kernel is slow (~7x a float pool, measured), so the common non-overlapping case (kernel == stride) is an
+    elementwise max over the kernel's strided views, channels-last in and out."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != torch.uint8:
+            return super().forward(x)
+        k = self.kernel_size if isinstance(self.kernel_size, int) else None
+        n, c, h, w = x.shape
+        if k is None or self.stride not in (k, (k, k)) or self.dilation not in (1, (1, 1)) or h % k or w % k:
+            return super().forward(x.contiguous())
+        tiles = x.permute(0, 2, 3, 1).reshape(n, h // k, k, w // k, k, c)
+        return functools.reduce(torch.maximum, (tiles[:, :, i, :, j] for i in range(k) for j in range(k))).permute(
+            0, 3, 1, 2
+        )
+
+
 def _chain_int8_convs(model: torch.nn.Module) -> None:
-    """In each nn.Sequential, an oneDNN Int8Conv followed (past Identities) by another hands it uint8 directly."""
+    """In each nn.Sequential, an oneDNN Int8Conv followed by another (past Identities and unpadded max pools)
+    hands it uint8 directly."""
     for seq in model.modules():
         if not isinstance(seq, torch.nn.Sequential):
             continue
-        layers = [m for m in seq if not isinstance(m, torch.nn.Identity)]
-        for first, second in itertools.pairwise(layers):
-            if isinstance(first, Int8Conv) and isinstance(second, Int8Conv) and first.onednn and second.onednn:
+        names = [n for n, m in seq.named_children() if not isinstance(m, torch.nn.Identity)]
+        for i, name in enumerate(names):
+            first = seq.get_submodule(name)
+            if not (isinstance(first, Int8Conv) and first.onednn):
+                continue
+            pools = list(itertools.takewhile(lambda n: _is_plain_max_pool(seq.get_submodule(n)), names[i + 1 :]))
+            second = seq.get_submodule(names[i + 1 + len(pools)]) if i + 1 + len(pools) < len(names) else None
+            if isinstance(second, Int8Conv) and second.onednn:
                 first._emit_to = [second]
+                for n in pools:
+                    pool = seq.get_submodule(n)
+                    if type(pool) is torch.nn.MaxPool2d:
+                        kept = ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode")
+                        setattr(seq, n, _Uint8MaxPool2d(**{k: getattr(pool, k) for k in kept}))
+
+
+def _is_plain_max_pool(m: torch.nn.Module) -> bool:
+    return isinstance(m, torch.nn.MaxPool2d) and not m.return_indices and m.padding in (0, (0, 0))
 
 
 def convert(model: torch.nn.Module, inplace: bool = False, backend: str = "auto") -> torch.nn.Module:
