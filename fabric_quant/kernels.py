@@ -11,7 +11,6 @@ Nothing here imports ``torch.ao.quantization``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import platform
 import shutil
@@ -55,16 +54,14 @@ def can_compile() -> bool:
     return shutil.which("g++") is not None or shutil.which("clang++") is not None
 
 
-@contextlib.contextmanager
-def _freezing():
+def _inference_config():
     import torch._inductor.config as inductor_config
 
-    old = inductor_config.freezing
-    inductor_config.freezing = True
-    try:
-        yield
-    finally:
-        inductor_config.freezing = old
+    # freezing: constant-fold and prepack weights (the int8 GEMM lowering needs it). realize_opcount_threshold:
+    # a per-token quantization reads the previous op's result twice (row absmax, then rounding); inductor stores
+    # a twice-read result instead of recomputing it only when its expression has more ops than this (CPU default
+    # 50; bias + GELU + scaling is ~20), so lowered, a GELU's erf runs once per element, not twice.
+    return inductor_config.patch(freezing=True, realize_opcount_threshold=10)
 
 
 def compile_model(model: torch.nn.Module, **compile_kwargs) -> torch.nn.Module:
@@ -74,11 +71,16 @@ def compile_model(model: torch.nn.Module, **compile_kwargs) -> torch.nn.Module:
     Returns the compiled module; call it under ``torch.inference_mode()``."""
     if not can_compile():
         raise RuntimeError("compile_model needs a C++ compiler (g++ or clang++) on PATH for inductor's CPU backend")
+    import torch._dynamo.config as dynamo_config
+
+    # every compiled copy of one model class recompiles the same forward; past dynamo's limit (8) the rest would
+    # silently run eager, e.g. in a benchmark comparing several quantized copies
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
     compiled = torch.compile(model, **compile_kwargs)
     forward = compiled.forward
 
     def frozen_forward(*args, **kwargs):
-        with _freezing():  # read when the graph compiles (first call, recompiles)
+        with _inference_config():  # read when the graph compiles (first call, recompiles)
             return forward(*args, **kwargs)
 
     compiled.forward = frozen_forward

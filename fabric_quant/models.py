@@ -70,6 +70,4 @@ def digits_cnn(image_size: int = 8):
         layers = [*block(1, 64), *block(64, 64), torch.nn.MaxPool2d(2), *block(64, 128), *block(128, 128),
                   torch.nn.MaxPool2d(2), *block(128, 256), *block(256, 256)]  # fmt: skip
     width = layers[-3].out_channels
-    return torch.nn.Sequential(
-        *layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(width, 10)
-    )
+    return torch.nn.Sequential(*layers, torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(width, 10))

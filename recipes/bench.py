@@ -7,8 +7,8 @@
 Rows: fp32, bf16, PTQ dynamic int8, PTQ static int8, QAT-converted int8 (CNN task: a short QAT fine-tune here),
 bitsandbytes int8 / nf4 / nf4-dq / fp4 / fp4-dq; with ``compile: true`` also ``+compile`` rows
 (``fabric_quant.kernels.compile_model``: inductor with freezing; the int8 GEMMs become oneDNN AMX/VNNI kernels).
-Columns: size, bits/param, latency (median and interquartile range of interleaved repeats) at each batch size,
-speed-up vs the eager fp32 row of the same run, a training-path step (forward + backward through the frozen
+Columns: size, bits/param, latency (median and interquartile range of repeats, rows measured in turns) at each
+batch size, speed-up vs the eager fp32 row of the same run, a training-path step (forward + backward through the frozen
 base, as QLoRA does; MiniLM; fp32, bf16 and bitsandbytes rows: the int8 PTQ layers are inference-only), and
 fidelity: mean-pooled embedding cosine vs fp32 (MiniLM) or test
 accuracy (CNN).
@@ -33,8 +33,8 @@ from fabric_quant.models import digits_cnn, digits_data, sentence_embeddings
 from fabric_quant.report import bar_panels, machine_name, measure_latencies, write_report
 
 BASELINES = ("fp32", "bf16")
-PTQ = ("ptq-dynamic-int8", "ptq-static-int8")
-COMPILED = ("fp32", "bf16", "ptq-dynamic-int8", "ptq-static-int8", "qat-int8")
+PTQ = ("ptq-dynamic-int8", "ptq-dynamic-int8-bf16", "ptq-static-int8")
+COMPILED = ("fp32", "bf16", *PTQ, "qat-int8")
 
 
 def all_modes(task: str) -> list[str]:
@@ -155,6 +155,8 @@ def build_mode(task: Task, mode: str, backend: str) -> torch.nn.Module:
         return task.build().to(torch.bfloat16)
     if mode == "ptq-dynamic-int8":
         return fq.quantize_dynamic(task.build())
+    if mode == "ptq-dynamic-int8-bf16":
+        return fq.quantize_dynamic(task.build(), dtype=torch.bfloat16)
     if mode == "ptq-static-int8":
         return fq.quantize_static(task.build(), task.calibration(), backend=backend)
     if mode == "qat-int8":
@@ -219,7 +221,7 @@ def setup(
         num_texts: documentation paragraphs scored for the MiniLM embedding cosine.
         train_epochs: fp32 training epochs of the digits CNN.
         image_size: digits-cnn only: 8 (the scans as they are, a tiny CNN) or 32 (upsampled, a VGG-style CNN).
-        repeats: interleaved timed calls per row and batch size (median and IQR reported).
+        repeats: timed calls per row and batch size, in turns of 5 after an untimed call (median and IQR reported).
         threads: torch CPU threads.
         seed: data split and training seed.
         out_dir: where bench.{md,csv,png} go.
@@ -232,7 +234,10 @@ def setup(
     if compile and not can_compile():
         raise RuntimeError("compile: true needs a C++ compiler (g++/clang++) for inductor; set compile: false")
     torch.set_num_threads(threads)
-    the_task = MiniLMTask(model, seq_len, num_texts) if task == "minilm" else DigitsCNNTask(seed, train_epochs, image_size)
+    if task == "minilm":
+        the_task = MiniLMTask(model, seq_len, num_texts)
+    else:
+        the_task = DigitsCNNTask(seed, train_epochs, image_size)
 
     models, rows, reference = {}, {}, None
     for mode in tqdm(modes, desc="quantize + score", unit="mode"):
@@ -281,7 +286,8 @@ def setup(
         f"# Benchmark: {the_task.name}\n\n"
         f"Command: `{' '.join([Path(sys.executable).name, *sys.argv])}`  \n"
         f"Machine: {machine_name()} ({feats}), torch {torch.__version__}, {threads} threads, int8 backend"
-        f" {backend}.  \nLatency: median (and IQR) of {repeats} interleaved calls per row, {what}; speedup ="
+        f" {backend}.  \nLatency: median (and IQR) of {repeats} calls per row, {what}, rows measured in turns (one"
+        f" untimed call, then 5 timed) so drift hits all alike; speedup ="
         f" eager fp32 time / row time, same run. `+compile` = inductor with freezing (first call compiles, not"
         f" timed). fidelity = {the_task.fidelity}."
     )

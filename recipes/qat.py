@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -174,7 +175,9 @@ def setup(
         raise ValueError(f"Unknown task {task!r}. Valid choices: {', '.join(TASKS)}")
     torch.set_num_threads(threads)
     fabric = Fabric(accelerator="cpu", devices=1)
-    net, train_data, val_data, one = TASKS[task](seed=seed, max_seq_length=max_seq_length, model_path=model_path, image_size=image_size)
+    net, train_data, val_data, one = TASKS[task](
+        seed=seed, max_seq_length=max_seq_length, model_path=model_path, image_size=image_size
+    )
     float_model = train(fabric, fabric.setup_module(net), train_data, float_epochs, float_lr, batch_size, seed, "float")
     float_model = float_model.module
 
@@ -235,11 +238,13 @@ def setup(
         if "checkpoint_mb" in row:
             row["size_ratio"] = base["checkpoint_mb"] / row["checkpoint_mb"]
             row["speedup_b1"] = base["latency_b1_ms"] / row["latency_b1_ms"]
+    images = f", {image_size}x{image_size} images" if task == "digits-cnn" else ""
     header = (
-        f"# QAT vs PTQ on {task} ({mode})\n\nCommand: `python recipes/qat.py --task {task} --mode {mode}`"
-        f" (seed {seed}); {machine_name()}, torch {torch.__version__}, {threads} threads. Accuracy on the held-out"
+        f"# QAT vs PTQ on {task} ({mode})\n\nCommand: `{' '.join([Path(sys.executable).name, *sys.argv])}`"
+        f" (seed {seed}{images}); {machine_name()}, torch {torch.__version__}, {threads} threads. Accuracy on the"
+        " held-out"
         f" split ({len(val_data[1])} examples); sizes are safetensors files; latency = median of {repeats} batch-1"
-        " forwards (interleaved); ratios against eager fp32 in the same run;"
+        " forwards (models measured in turns of 5 after an untimed call); ratios against eager fp32 in the same run;"
         " `+compile` = inductor with freezing (accuracy: the eager model's). agreement_with_qat = argmax"
         " agreement with the fake-quant QAT model."
     )

@@ -201,7 +201,7 @@ def test_backend_selection_and_reference_equivalence(trained_cnn):
 
 def test_plugin_modes_in_fabric(trained_cnn):
     net, x = trained_cnn
-    assert set(fq.available_modes("ptq")) == {"ptq-dynamic-int8", "ptq-static-int8"}
+    assert set(fq.available_modes("ptq")) == {"ptq-dynamic-int8", "ptq-dynamic-int8-bf16", "ptq-static-int8"}
     fabric = Fabric(accelerator="cpu", devices=1, plugins=fq.precision_plugin("ptq-static-int8",
                     calibration_data=list(x[:128].split(64))))  # fmt: skip
     model = fabric.setup_module(copy.deepcopy(net))
@@ -213,6 +213,59 @@ def test_plugin_modes_in_fabric(trained_cnn):
         fq.precision_plugin("ptq-static-int8")
     with pytest.raises(ValueError, match=r"Unknown ptq mode 'ptq-int3'\. Valid choices: ptq-dynamic-int8"):
         fq.PTQPrecision("ptq-int3")
+
+
+@pytest.mark.skipif(not onednn_int8_available(), reason="oneDNN int8 convolution needs an x86 CPU")
+def test_chained_int8_convs_pass_uint8_through_max_pools(digits):
+    x = torch.nn.functional.interpolate(digits[0][:256].unsqueeze(1), size=16, mode="bilinear")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(1, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.ReLU(), torch.nn.MaxPool2d(2),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10),
+    ).eval()  # fmt: skip
+    calib = list(x[:128].split(32))
+    fast = fq.quantize_static(net, calib, backend="x86", progress=False)
+    ref = fq.quantize_static(net, calib, backend="reference", progress=False)
+    assert fast[0]._emit_to == [fast[4]] and type(fast[3]).__name__ == "_Uint8MaxPool2d"
+    assert type(fast[6]) is torch.nn.MaxPool2d  # after the last conv: float, left as it is
+    with torch.no_grad():
+        for batch in (x[128:129], x[128:136], x[128:129], x[128:200]):  # oneDNN weights packed per input shape
+            a, b = fast(batch), ref(batch)
+            assert torch.isclose(a, b, atol=2e-3, rtol=2e-3).float().mean() >= 0.95
+        odd = torch.nn.functional.interpolate(x[:4], size=14, mode="bilinear")  # 7x7 after the first pool
+        assert torch.isclose(fast(odd), ref(odd), atol=2e-3, rtol=2e-3).float().mean() >= 0.95
+
+
+def test_dynamic_bf16_rest_keeps_fp32_scales(tiny_bert_dir, digits):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_bert_dir).eval()
+    ids = torch.randint(5, 90, (4, 16))
+    q32 = fq.quantize_dynamic(model)
+    q16 = fq.quantize_dynamic(model, dtype="bf16")
+    linears = [m for m in q16.modules() if isinstance(m, Int8Linear)]
+    assert linears and all(m.weight_scale.dtype == torch.float32 and m.bias.dtype == torch.bfloat16 for m in linears)
+    assert all(m.weight.dtype == torch.bfloat16 for m in q16.modules() if isinstance(m, torch.nn.LayerNorm))
+    assert torch.equal(linears[0].qweight, next(m for m in q32.modules() if isinstance(m, Int8Linear)).qweight)
+    with torch.no_grad():
+        a, b = q16(input_ids=ids).last_hidden_state, q32(input_ids=ids).last_hidden_state
+    assert a.dtype == torch.bfloat16
+    assert torch.nn.functional.cosine_similarity(a.float().flatten(1), b.flatten(1)).min() > 0.995
+    rows = digits[0][:32]  # (32, 8, 8): 8 steps of 8 pixels
+    torch.manual_seed(0)
+    lstm = torch.nn.Sequential(torch.nn.LSTM(8, 16, batch_first=True))
+    q = fq.quantize_dynamic(lstm, dtype=torch.bfloat16)
+    with torch.no_grad():
+        out, ref = q(rows.bfloat16())[0], lstm(rows)[0]
+    assert torch.nn.functional.cosine_similarity(out.float().flatten(1), ref.flatten(1)).min() > 0.99
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=fq.precision_plugin("ptq-dynamic-int8-bf16"))
+    net = fabric.setup_module(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.LayerNorm(8)))
+    assert net(torch.randn(2, 8)).dtype == torch.float32  # bf16 inside, fp32 in and out
+    with pytest.raises(ValueError, match=r"dtype=torch\.float16\): valid choices are torch\.float32, torch\.bfloat16"):
+        fq.quantize_dynamic(model, dtype="fp16")
+    with pytest.raises(ValueError, match=r"Unsupported dtype 'int8'\. Valid choices"):
+        fq.quantize_dynamic(model, dtype="int8")
 
 
 def test_recommend_on_a_tiny_cnn(trained_cnn, digits):

@@ -87,7 +87,7 @@ def recommend(
         tolerance: largest acceptable metric drop (same units as the metric).
         calibration_data: batches of model inputs for static quantization (static is skipped without them).
         example_input: one model input for the latency measurement (default: the first calibration batch).
-        repeats: timed calls per candidate (interleaved, median reported).
+        repeats: timed calls per candidate (candidates measured in turns, median reported).
     """
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")

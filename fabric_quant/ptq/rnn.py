@@ -43,8 +43,11 @@ class DynamicInt8RNN(QuantizedLinear, torch.nn.Module):
         return super()._load_from_state_dict(*args, **kwargs)
 
     def _float_weights(self) -> list[torch.Tensor]:
+        # the recurrence runs in the biases' dtype (bf16 after quantize_dynamic(dtype=torch.bfloat16))
+        biases = [b for key, b in self._buffers.items() if key.startswith("bias")]
+        dtype = biases[0].dtype if biases else torch.float32
         return [
-            self._buffers[f"qweight{i}"].float() * self._buffers[f"weight_scale{i}"][:, None]
+            (self._buffers[f"qweight{i}"].float() * self._buffers[f"weight_scale{i}"][:, None]).to(dtype)
             if name.startswith("weight")
             else self._buffers[f"bias{i}"]
             for i, name in enumerate(self.names)

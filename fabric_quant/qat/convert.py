@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import itertools
 import math
 
 import torch
@@ -239,7 +238,6 @@ class Int8Conv(_Int8Weight, torch.nn.Module):
             out_scale, out_zero, out_dtype, "relu" if self.relu else "none", [], "",
         )  # fmt: skip
 
-
     def _packed_weight(self, shape, scale, zero_point, stride, padding, dilation) -> tuple:
         # Packed per input shape: oneDNN picks its kernel (and the weight layout it wants) from the input size;
         # a weight packed without it gets reordered again on every call (~100 us at batch 1, measured with
@@ -306,20 +304,19 @@ def _chain_int8_convs(model: torch.nn.Module) -> None:
     for seq in model.modules():
         if not isinstance(seq, torch.nn.Sequential):
             continue
-        names = [n for n, m in seq.named_children() if not isinstance(m, torch.nn.Identity)]
-        for i, name in enumerate(names):
-            first = seq.get_submodule(name)
+        children = [(n, m) for n, m in seq.named_children() if not isinstance(m, torch.nn.Identity)]
+        for i, (_, first) in enumerate(children):
             if not (isinstance(first, Int8Conv) and first.onednn):
                 continue
-            pools = list(itertools.takewhile(lambda n: _is_plain_max_pool(seq.get_submodule(n)), names[i + 1 :]))
-            second = seq.get_submodule(names[i + 1 + len(pools)]) if i + 1 + len(pools) < len(names) else None
-            if isinstance(second, Int8Conv) and second.onednn:
-                first._emit_to = [second]
-                for n in pools:
-                    pool = seq.get_submodule(n)
+            j = i + 1
+            while j < len(children) and _is_plain_max_pool(children[j][1]):
+                j += 1
+            if j < len(children) and isinstance(children[j][1], Int8Conv) and children[j][1].onednn:
+                first._emit_to = [children[j][1]]
+                for name, pool in children[i + 1 : j]:
                     if type(pool) is torch.nn.MaxPool2d:
                         kept = ("kernel_size", "stride", "padding", "dilation", "return_indices", "ceil_mode")
-                        setattr(seq, n, _Uint8MaxPool2d(**{k: getattr(pool, k) for k in kept}))
+                        setattr(seq, name, _Uint8MaxPool2d(**{k: getattr(pool, k) for k in kept}))
 
 
 def _is_plain_max_pool(m: torch.nn.Module) -> bool:
