@@ -76,7 +76,9 @@ def compile_model(model: torch.nn.Module, **compile_kwargs) -> torch.nn.Module:
     # every compiled copy of one model class recompiles the same forward; past dynamo's limit (8) the rest would
     # silently run eager, e.g. in a benchmark comparing several quantized copies
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-    compiled = torch.compile(model, **compile_kwargs)
+    # static shapes: a new input shape (batch 1, then 8) compiles its own fully specialised graph rather than one
+    # symbolic-batch graph for all; pass dynamic=None/True to trade that for fewer compilations
+    compiled = torch.compile(model, **{"dynamic": False, **compile_kwargs})
     forward = compiled.forward
 
     def frozen_forward(*args, **kwargs):

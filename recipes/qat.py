@@ -30,7 +30,9 @@ from fabric_quant.kernels import compile_model
 from fabric_quant.models import digits_cnn, digits_data
 from fabric_quant.report import bar_panels, machine_name, measure_latencies, write_report
 
-COLUMNS = ("model", "accuracy", "checkpoint_mb", "size_ratio", "latency_b1_ms", "speedup_b1", "agreement_with_qat")
+CONTROL = "fp32 +QAT epochs"
+COLUMNS = ("model", "accuracy", "checkpoint_mb", "size_ratio", "latency_b1_ms", "speedup_b1", "agreement_with_qat",
+           "ptq_loss_recovered")  # fmt: skip
 
 
 def digits_task(seed: int, image_size: int, **_):
@@ -142,6 +144,7 @@ def setup(
     repeats: int = 20,
     threads: int = 2,
     compile: bool = False,
+    float_control: bool = True,
     seed: int = 42,
     out_dir: Path = Path("runs/qat"),
 ) -> list[dict]:
@@ -167,6 +170,8 @@ def setup(
         threads: torch CPU threads for the latency measurement.
         compile: also time fp32 and the converted models under `fabric_quant.kernels.compile_model` (inductor with
             freezing: the int8 GEMMs become oneDNN AMX/VNNI kernels); rows `... +compile`.
+        float_control: also train the float model for the QAT epochs (same lr, no quantization): the control that
+            separates QAT's recovery from the effect of extra training.
         seed: seeds data split, order and initialisation.
         out_dir: where qat_results.{md,csv,png} and the checkpoints go.
     """
@@ -207,14 +212,23 @@ def setup(
     qat = train(qat_fabric, qat, train_data, qat_epochs, qat_lr, batch_size, seed + 1, "qat", qat_plugin).module
     qat.eval()
     deployed = qat_plugin.convert(qat)
+    control = None
+    if float_control:  # the same extra epochs without quantization: QAT's gain must not be mere extra training
+        control_fabric = Fabric(accelerator="cpu", devices=1)
+        control = control_fabric.setup_module(copy.deepcopy(float_model))
+        control = train(control_fabric, control, train_data, qat_epochs, qat_lr, batch_size, seed + 1, "control")
+        control = control.module.eval()
 
     rows, out_dir, timed = [], Path(out_dir), {}
     _, qat_preds = evaluate(qat, val_data, batch_size)
-    for name, model in (("fp32", float_model), (f"PTQ {mode}", ptq_deployed), (f"QAT {mode} (fake-quant)", qat),
-                        (f"QAT {mode} (converted)", deployed)):  # fmt: skip
+    models = [("fp32", float_model), (CONTROL, control), (f"PTQ {mode}", ptq_deployed),
+              (f"QAT {mode} (fake-quant)", qat), (f"QAT {mode} (converted)", deployed)]  # fmt: skip
+    for name, model in models:
+        if model is None:
+            continue
         acc, preds = evaluate(model, val_data, batch_size)
         row = {"model": name, "accuracy": acc, "agreement_with_qat": (preds == qat_preds).float().mean().item()}
-        if "fake-quant" not in name:
+        if "fake-quant" not in name and name != CONTROL:
             path = out_dir / f"{name.split(' ')[0].lower()}.safetensors"
             if name == "fp32":
                 path.parent.mkdir(parents=True, exist_ok=True)
@@ -231,10 +245,15 @@ def setup(
     with torch.inference_mode():
         for fn in calls.values():  # compiles the +compile rows before timing
             fn()
-    for name, lat in measure_latencies(calls, repeats).items():  # interleaved: ratios from one run
+    for name, lat in measure_latencies(calls, repeats).items():  # in turns: ratios from one run
         timed[name][0]["latency_b1_ms"] = lat["median_ms"]
     base = rows[0]
+    # share of PTQ's loss that QAT wins back, against the float model with the same training budget when there
+    reference = next((r for r in rows if r["model"] == CONTROL), base)["accuracy"]
+    ptq_loss = reference - next(r for r in rows if r["model"].startswith("PTQ"))["accuracy"]
     for row in rows:
+        if row["model"].startswith("QAT") and ptq_loss > 0:
+            row["ptq_loss_recovered"] = 1 - (reference - row["accuracy"]) / ptq_loss
         if "checkpoint_mb" in row:
             row["size_ratio"] = base["checkpoint_mb"] / row["checkpoint_mb"]
             row["speedup_b1"] = base["latency_b1_ms"] / row["latency_b1_ms"]
@@ -246,7 +265,9 @@ def setup(
         f" split ({len(val_data[1])} examples); sizes are safetensors files; latency = median of {repeats} batch-1"
         " forwards (models measured in turns of 5 after an untimed call); ratios against eager fp32 in the same run;"
         " `+compile` = inductor with freezing (accuracy: the eager model's). agreement_with_qat = argmax"
-        " agreement with the fake-quant QAT model."
+        " agreement with the fake-quant QAT model. `fp32 +QAT epochs` = the float model trained for the QAT epochs"
+        " without quantization (the control). ptq_loss_recovered = (QAT - PTQ) / (control - PTQ) accuracy (fp32 in"
+        " place of the control without one), where PTQ loses accuracy; 1.0 = all of it back."
     )
     plot = bar_panels([r for r in rows if "checkpoint_mb" in r], "model", ["accuracy", "checkpoint_mb",
                       "latency_b1_ms"], f"QAT on {task}")  # fmt: skip

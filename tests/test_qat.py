@@ -197,6 +197,20 @@ def test_bad_options(kwargs, match):
         fq.QATPrecision("qat-int8", **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"per_channel": "false"}, r"per_channel='false' must be True or False"),  # a CLI string, truthy
+        ({"learnable_scales": 1}, r"learnable_scales=1 must be True or False"),
+        ({"group_size": "32"}, r"group_size='32' must be a positive integer or None"),
+        ({"embeddings": "no"}, r"embeddings='no' must be True or False"),
+    ],
+)
+def test_options_of_the_wrong_type(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        fq.QATPrecision("qat-int8", **kwargs)
+
+
 def test_group_size_not_dividing_is_refused_before_any_change():
     net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.Linear(32, 48), torch.nn.Linear(48, 2))
     with pytest.raises(ValueError, match=r"2: group_size=32 does not divide the input dimension 48"):

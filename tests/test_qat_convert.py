@@ -134,6 +134,20 @@ def test_embedding_qat_and_conversion(tiny_bert_with_tokenizer):
     assert fp.quantized_numel >= emb.weight.numel()  # the table counts as quantized storage
 
 
+def test_per_tensor_embedding_converts(tiny_bert_with_tokenizer):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_bert_with_tokenizer)
+    plugin = fq.QATPrecision("qat-int4", group_size=None, per_channel=False, embeddings=True)
+    plugin.convert_module(model)
+    deployed = plugin.convert(model)
+    ids = torch.randint(0, 1000, (2, 12))
+    with torch.no_grad():
+        fake, real = model.eval().embeddings.word_embeddings(ids), deployed.embeddings.word_embeddings(ids)
+    assert torch.allclose(fake, real, atol=1e-6)
+    assert len(torch.unique(real)) <= 16  # one 4-bit grid for the whole table
+
+
 def test_conv_with_learned_activation_scale_converts_to_the_learned_scale():
     from fabric_quant.qat import QATConv2d
 

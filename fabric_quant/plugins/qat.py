@@ -56,6 +56,9 @@ class QATPrecision(Precision):
         if isinstance(ignore_modules, str):
             raise TypeError(f"ignore_modules must be a collection of name prefixes, got the string {ignore_modules!r}")
         self.ignore_modules = set(ignore_modules or ())
+        for name, value in (("embeddings", embeddings), ("fuse", fuse)):
+            if not isinstance(value, bool):
+                raise TypeError(f"{name}={value!r} must be True or False")
         self.swaps = {**_SWAPS, torch.nn.Embedding: QATEmbedding} if embeddings else dict(_SWAPS)
         self.fuse = fuse
         for name, value in (("start_step", start_step), ("freeze_observer_step", freeze_observer_step),

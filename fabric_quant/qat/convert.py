@@ -267,6 +267,8 @@ class Int8Embedding(_Int8Weight, torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group_size is not None:
             return torch.nn.functional.embedding(x, self.compute_weight(torch.float32), self.padding_idx)
+        if not self.per_channel:  # one scale for the whole table
+            return self.int8_weight()[x].float() * self.weight_scale.reshape(())
         return self.int8_weight()[x].float() * self.weight_scale[x].unsqueeze(-1)
 
 

@@ -41,6 +41,11 @@ class QATConfig:
     """LSQ: learn the weight scales and the static activation scale by gradient descent."""
 
     def __post_init__(self) -> None:
+        for name in ("per_channel", "learnable_scales"):  # a CLI's 'false' is a truthy string: refuse, not guess
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} must be True or False")
+        if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)):
+            raise TypeError(f"group_size={self.group_size!r} must be a positive integer or None")
         if self.weight_bits not in VALID_BITS:
             raise ValueError(f"weight_bits={self.weight_bits!r} is not supported. Valid choices: {VALID_BITS}")
         if self.group_size is not None and self.group_size < 1:
