@@ -170,6 +170,27 @@ def test_dynamic_rnn_and_linear_save_reload(tmp_path, digits):
         assert torch.equal(fresh(x[:16]), q(x[:16]))
 
 
+def test_dynamic_quantizes_embedding_tables_and_reloads(tmp_path, tiny_bert_dir):
+    from transformers import AutoConfig, AutoModel
+
+    from fabric_quant.qat import Int8Embedding
+
+    model = AutoModel.from_pretrained(tiny_bert_dir).eval()
+    ids = torch.randint(5, 90, (4, 16))
+    q = fq.quantize_dynamic(model)
+    assert isinstance(q.embeddings.word_embeddings, Int8Embedding)
+    assert type(fq.quantize_dynamic(model, layers=["linear"]).embeddings.word_embeddings) is torch.nn.Embedding
+    path = fq.save_quantized(q, tmp_path / "int8.safetensors")
+    fresh = fq.quantize_dynamic(AutoModel.from_config(AutoConfig.from_pretrained(tiny_bert_dir)).eval())
+    fq.load_quantized(fresh, path)
+    with torch.no_grad():
+        ref, out = model(input_ids=ids).last_hidden_state, q(input_ids=ids).last_hidden_state
+        assert torch.equal(fresh(input_ids=ids).last_hidden_state, out)
+    assert torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1)).min() > 0.99
+    bf16 = fq.quantize_dynamic(model, dtype=torch.bfloat16)
+    assert bf16.embeddings.word_embeddings(ids).dtype == torch.bfloat16
+
+
 def test_static_save_reload_keeps_calibration(tmp_path, trained_cnn):
     net, x = trained_cnn
     q = fq.quantize_static(net, list(x[:256].split(64)), progress=False)
@@ -315,9 +336,9 @@ def test_bad_input_is_rejected_clearly(trained_cnn):
         fq.quantize_static(net, [x[:4]], observer="histo")
     with pytest.raises(ValueError, match="Unknown backend 'fbgemm'"):
         fq.quantize_static(net, [x[:4]], backend="fbgemm")
-    with pytest.raises(TypeError, match="found no linear/lstm/gru layer"):
+    with pytest.raises(TypeError, match="found no linear/lstm/gru/embedding layer"):
         fq.quantize_dynamic(torch.nn.Sequential(torch.nn.Conv2d(1, 2, 3)))
-    with pytest.raises(ValueError, match=r"layers=\['conv'\]: valid choices are any of \('linear', 'lstm', 'gru'\)"):
+    with pytest.raises(ValueError, match=r"layers=\['conv'\]: valid choices are any of \('linear', 'lstm', 'gru', 'e"):
         fq.quantize_dynamic(net, layers=["conv"])
     with pytest.raises(ValueError, match="proj_size"):
         fq.quantize_dynamic(torch.nn.Sequential(torch.nn.LSTM(4, 8, proj_size=2)))
@@ -341,8 +362,9 @@ def test_compile_model_lowers_dynamic_int8_linear_to_onednn_int8_gemm():
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
-    q = fq.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU(), torch.nn.Linear(64, 32)))
-    x = torch.randn(8, 64)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 256))
+    q = fq.quantize_dynamic(net)
+    x = torch.randn(32, 256)  # 2 M multiply-adds per layer: above SMALL_MATMUL, the integer path
     with torch.inference_mode():
         out, code = run_and_get_code(lambda: compile_model(q)(x))
         ref = q(x)

@@ -61,15 +61,16 @@ def test_converted_cnn_matches_fake_quant_model(mode):
 @pytest.mark.parametrize("activations", ["dynamic", "static"])
 def test_integer_kernel_path_equals_float_reference(activations):
     torch.manual_seed(0)
-    qat = QATLinear.from_float(torch.nn.Linear(64, 32), QATConfig(activations=activations))
-    x = torch.randn(5, 64)
-    qat(torch.randn(100, 64) * 2)  # calibrates the static observer
+    qat = QATLinear.from_float(torch.nn.Linear(256, 256), QATConfig(activations=activations))
+    x = torch.randn(20, 256)  # 1.3 M multiply-adds: the integer kernel (smaller products take the float path)
+    qat(torch.randn(100, 256) * 2)  # calibrates the static observer
     with torch.no_grad():
         reference = qat(x)
         layer = Int8Linear(qat)
-        assert layer._integer_ok(x)
-        got = layer(x)
+        assert layer._integer_ok(x) and not layer._integer_ok(x[:2])
+        got, small = layer(x), layer(x[:2])
     assert torch.allclose(got, reference, atol=1e-4, rtol=1e-4)
+    assert torch.allclose(small, reference[:2], atol=1e-4, rtol=1e-4)
 
 
 def test_int4_groups_are_packed_and_reference_exact():

@@ -15,16 +15,26 @@ import torch
 from fabric_quant.dtypes import parse_dtype
 from fabric_quant.modules import check_ignore_modules, is_ignored, replace_modules
 from fabric_quant.ptq.rnn import RNN_TYPES, DynamicInt8RNN
-from fabric_quant.qat.convert import Int8Linear
-from fabric_quant.qat.layers import QATConfig, QATLinear
+from fabric_quant.qat.convert import Int8Embedding, Int8Linear
+from fabric_quant.qat.layers import QATConfig, QATEmbedding, QATLinear
 
-LAYERS = ("linear", "lstm", "gru")
+LAYERS = ("linear", "lstm", "gru", "embedding")
 DTYPES = (torch.float32, torch.bfloat16)
-_TYPES = {"linear": (torch.nn.Linear,), "lstm": (torch.nn.LSTM,), "gru": (torch.nn.GRU,)}
+_TYPES = {
+    "linear": (torch.nn.Linear,),
+    "lstm": (torch.nn.LSTM,),
+    "gru": (torch.nn.GRU,),
+    "embedding": (torch.nn.Embedding,),
+}
 
 
 def _dynamic_linear(linear: torch.nn.Linear, per_channel: bool) -> Int8Linear:
     return Int8Linear(QATLinear.from_float(linear, QATConfig(activations="dynamic", per_channel=per_channel)))
+
+
+def _int8_embedding(emb: torch.nn.Embedding, per_channel: bool) -> Int8Embedding:
+    # weight-only (the input is an index): a lookup gathers int8 rows and rescales just those
+    return Int8Embedding(QATEmbedding.from_float(emb, QATConfig(activations="none", per_channel=per_channel)))
 
 
 def quantize_dynamic(
@@ -39,7 +49,9 @@ def quantize_dynamic(
     """Dynamically quantize ``model``'s Linear (and LSTM / GRU) layers to int8; returns the model in eval mode.
 
     Args:
-        layers: which layer kinds to quantize, from ``("linear", "lstm", "gru")``.
+        layers: which layer kinds to quantize, from ``("linear", "lstm", "gru", "embedding")`` (all by default).
+            Embedding tables become int8 rows with a scale each (weight-only: most of a small transformer's
+            parameters sit in its word embedding).
         per_channel: one weight scale per output row (default) or one per tensor.
         ignore_modules: module-name prefixes to keep in float (e.g. a classifier head).
         dtype: float dtype of everything that stays float: the int8 GEMMs' outputs, norms, attention, biases and
@@ -63,6 +75,8 @@ def quantize_dynamic(
         raise TypeError(f"quantize_dynamic takes a model containing layers, got a bare {type(model).__name__}")
 
     def select(name: str, child: torch.nn.Module) -> bool:
+        if isinstance(child, torch.nn.Embedding) and (child.max_norm is not None or child.sparse):
+            return False  # renormalising / sparse-gradient tables stay float
         return type(child) in types and not is_ignored(name, ignore)
 
     targets = [name for name, child in model.named_modules() if name and select(name, child)]
@@ -74,7 +88,11 @@ def quantize_dynamic(
     model = model if inplace else copy.deepcopy(model)
 
     def build(name: str, child: torch.nn.Module) -> torch.nn.Module:
-        return DynamicInt8RNN(child) if isinstance(child, RNN_TYPES) else _dynamic_linear(child, per_channel)
+        if isinstance(child, RNN_TYPES):
+            return DynamicInt8RNN(child)
+        if isinstance(child, torch.nn.Embedding):
+            return _int8_embedding(child, per_channel)
+        return _dynamic_linear(child, per_channel)
 
     replace_modules(model, select, build)
     if dtype != torch.float32:
@@ -86,6 +104,8 @@ def cast_float_rest(model: torch.nn.Module, dtype: torch.dtype) -> None:
     """Cast the float parameters and buffers to ``dtype``, except the quantized layers' scales (kept fp32: a bf16
     scale would shift each output channel by up to 0.4 %)."""
     for module in model.modules():
+        if isinstance(module, Int8Embedding):
+            module.out_dtype = dtype
         keep = set(getattr(module, "storage_keys", ()))
         for name, p in module.named_parameters(recurse=False):
             if p.is_floating_point() and name not in keep:

@@ -40,6 +40,7 @@ def quantize_static(
     per_channel: bool = True,
     fuse: bool = True,
     weight_bits: int = 8,
+    embeddings: bool = True,
     backend: str = "auto",
     ignore_modules: Iterable[str] | None = None,
     progress: bool = True,
@@ -53,6 +54,7 @@ def quantize_static(
         per_channel: one weight scale per output channel (default) or per tensor.
         fuse: fold Conv-BN(-ReLU) and fuse Linear-ReLU inside nn.Sequential containers.
         weight_bits: 8, or 4 (int4 values run on the same int8 kernels; the checkpoint packs them).
+        embeddings: also store Embedding tables as int8 rows with a scale each (weight-only).
         backend: ``auto``, ``x86`` (oneDNN int8) or ``reference`` (portable); see :mod:`fabric_quant.kernels`.
         ignore_modules: module-name prefixes kept in float.
         progress: show a progress bar over the calibration batches.
@@ -64,7 +66,7 @@ def quantize_static(
         raise ValueError(_EMPTY)
     plugin = QATPrecision(
         "qat-int8-static", observer=observer, per_channel=per_channel, fuse=fuse, weight_bits=weight_bits,
-        ignore_modules=ignore_modules,
+        embeddings=embeddings, ignore_modules=ignore_modules,
     )  # fmt: skip
     work = plugin.convert_module(model if inplace else copy.deepcopy(model))  # validates before changing anything
     plugin.enable_fake_quant(work, False)  # observers record float activations

@@ -117,6 +117,12 @@ class _Int8Weight(QuantizedLinear):
         return x
 
 
+# Below about a million multiply-adds the integer path's fixed costs (quantize, int32 -> float, rescale) exceed a
+# float matmul on the cached dequantized weight: e.g. a 256 -> 10 classifier head at batch 1 took ~80 us on
+# _int_mm and ~30 us in float on the CI machine (2 threads); a 384 x 384 layer on 8 rows was a tie.
+SMALL_MATMUL = 1 << 20
+
+
 class Int8Linear(_Int8Weight, torch.nn.Module):
     def __init__(self, qat: QATLinear) -> None:
         super().__init__()
@@ -133,8 +139,10 @@ class Int8Linear(_Int8Weight, torch.nn.Module):
     def _integer_ok(self, x: torch.Tensor) -> bool:
         if self.activations == "none" or self.group_size is not None:
             return False  # weight-only, or per-group scales (they do not factor out of the matmul)
-        # CUDA's torch._int_mm takes K and N in multiples of 8 and M > 16 rows; the CPU kernel takes any shape
         rows = x.numel() // self.in_features
+        if rows * self.in_features * self.out_features < SMALL_MATMUL:
+            return False  # same numbers (up to float rounding) from a float matmul on the dequantized weight
+        # CUDA's torch._int_mm takes K and N in multiples of 8 and M > 16 rows; the CPU kernel takes any shape
         return x.device.type == "cpu" or (self.in_features % 8 == 0 and self.out_features % 8 == 0 and rows > 16)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -263,13 +271,14 @@ class Int8Embedding(_Int8Weight, torch.nn.Module):
         self.padding_idx, self.activations = qat.padding_idx, "none"  # the input is an index
         self.fq_mode = f"int{qat.qat.weight_bits}-converted"
         self._set_weight(qat.weight, qat.qat)
+        self.out_dtype = torch.float32  # the float rest's dtype (set by quantize_dynamic(dtype=...))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group_size is not None:
-            return torch.nn.functional.embedding(x, self.compute_weight(torch.float32), self.padding_idx)
+            return torch.nn.functional.embedding(x, self.compute_weight(self.out_dtype), self.padding_idx)
         if not self.per_channel:  # one scale for the whole table
-            return self.int8_weight()[x].float() * self.weight_scale.reshape(())
-        return self.int8_weight()[x].float() * self.weight_scale[x].unsqueeze(-1)
+            return (self.int8_weight()[x].float() * self.weight_scale.reshape(())).to(self.out_dtype)
+        return (self.int8_weight()[x].float() * self.weight_scale[x].unsqueeze(-1)).to(self.out_dtype)
 
 
 _CONVERTED = {
@@ -285,19 +294,18 @@ class _Uint8MaxPool2d(torch.nn.MaxPool2d):
     """A max pool between two chained int8 convs: it takes their uint8 activations as they are (a max commutes
     with the monotone quantization map). torch's max pool refuses uint8 in channels-last and its NCHW integer
     kernel is slow (~7x a float pool, measured), so the common non-overlapping case (kernel == stride) is an
-    elementwise max over the kernel's strided views, channels-last in and out."""
+    elementwise max over strided views (rows, then columns), channels-last in and out."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8:
             return super().forward(x)
         k = self.kernel_size if isinstance(self.kernel_size, int) else None
-        n, c, h, w = x.shape
+        h, w = x.shape[-2:]
         if k is None or self.stride not in (k, (k, k)) or self.dilation not in (1, (1, 1)) or h % k or w % k:
             return super().forward(x.contiguous())
-        tiles = x.permute(0, 2, 3, 1).reshape(n, h // k, k, w // k, k, c)
-        return functools.reduce(torch.maximum, (tiles[:, :, i, :, j] for i in range(k) for j in range(k))).permute(
-            0, 3, 1, 2
-        )
+        nhwc = x.permute(0, 2, 3, 1)  # a view; contiguous when x is channels-last (what oneDNN emits)
+        rows = functools.reduce(torch.maximum, (nhwc[:, i::k] for i in range(k)))  # max over the kernel's rows
+        return functools.reduce(torch.maximum, (rows[:, :, j::k] for j in range(k))).permute(0, 3, 1, 2)
 
 
 def _chain_int8_convs(model: torch.nn.Module) -> None:
