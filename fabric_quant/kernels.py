@@ -60,8 +60,8 @@ def _inference_config():
     # freezing: constant-fold and prepack weights (the int8 GEMM lowering needs it). realize_opcount_threshold:
     # a per-token quantization reads the previous op's result twice (row absmax, then rounding); inductor stores
     # a twice-read result instead of recomputing it only when its expression has more ops than this (CPU default
-    # 50; bias + GELU + scaling is ~20), so lowered, a GELU's erf runs once per element, not twice.
-    return inductor_config.patch(freezing=True, realize_opcount_threshold=10)
+    # 50; a bias + GELU + scaling needs <= 5 to be stored), so a GELU's erf runs once per element, not twice.
+    return inductor_config.patch(freezing=True, realize_opcount_threshold=5)
 
 
 def compile_model(model: torch.nn.Module, **compile_kwargs) -> torch.nn.Module:
