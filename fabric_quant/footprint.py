@@ -97,12 +97,13 @@ def footprint(model: torch.nn.Module) -> Footprint:
     seen: set[int] = set()
     layers = []
     for name, module in model.named_modules():
-        tensors = [
-            (key, t)
-            for key, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]
-            if t is not None and not (t.device.type != "meta" and t.data_ptr() in seen)
-        ]
-        seen.update(t.data_ptr() for _, t in tensors if t.device.type != "meta")
+        tensors = []
+        for key, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if t is None or (t.device.type != "meta" and t.data_ptr() in seen):
+                continue  # a view of memory already counted (e.g. the int8 Linear's transposed weight), or tied
+            tensors.append((key, t))
+            if t.device.type != "meta":
+                seen.add(t.data_ptr())
         storage = module.weight_storage() if isinstance(module, QuantizedLinear) else None
         if not tensors and storage is None:
             continue

@@ -47,3 +47,10 @@ def test_shared_tensors_counted_once():
     lin = torch.nn.Linear(8, 8)
     model = torch.nn.Sequential(lin, lin)
     assert fq.footprint(model).total_bytes == 4 * (64 + 8)
+
+
+def test_views_of_a_weight_are_not_counted_again():
+    # the converted int8 Linear keeps a transposed view of its int8 weight for torch._int_mm
+    q = fq.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(256, 128)))
+    assert q[0].qweight_t.data_ptr() == q[0].qweight.data_ptr()
+    assert fq.footprint(q).total_bytes == 256 * 128 + 4 * 128 + 4 * 128  # int8 weight, fp32 scales, fp32 bias
