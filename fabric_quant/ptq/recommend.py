@@ -63,10 +63,10 @@ def layer_profile(model: torch.nn.Module) -> dict[str, int]:
     return counts
 
 
-def propose(model: torch.nn.Module) -> str:
-    counts = layer_profile(model)
+def propose(counts: dict[str, int], model_name: str) -> str:
+    """The notes' table on a :func:`layer_profile`: conv-dominated -> static, Linear/RNN-dominated -> dynamic."""
     if not any(counts.values()):
-        raise TypeError(f"{type(model).__name__} has no Linear, Conv1d/2d, LSTM or GRU layer to quantize")
+        raise TypeError(f"{model_name} has no Linear, Conv1d/2d, LSTM or GRU layer to quantize")
     return "static" if counts["conv"] >= max(counts["linear"], counts["recurrent"]) else "dynamic"
 
 
@@ -91,7 +91,8 @@ def recommend(
     """
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
-    proposed = propose(model)
+    counts = layer_profile(model)
+    proposed = propose(counts, type(model).__name__)
     calibration = list(calibration_data) if calibration_data is not None else None
     if calibration is not None and not calibration:
         raise ValueError("calibration_data is empty: pass batches of model inputs, or None to skip static")
@@ -100,7 +101,6 @@ def recommend(
             raise ValueError("example_input is required for the latency measurement when no calibration_data is given")
         example_input = calibration[0]
     model = copy.deepcopy(model).eval()
-    counts = layer_profile(model)
     models: dict[str, torch.nn.Module] = {"fp32": model}
     if counts["linear"] or counts["recurrent"]:
         models["dynamic"] = quantize_dynamic(model)

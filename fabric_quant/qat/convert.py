@@ -207,6 +207,8 @@ class Int8Conv(_Int8Weight, torch.nn.Module):
             backend == "x86" and self.dims == 2 and self.activations == "static" and not isinstance(qat.padding, str)
         )
         self._emit_to: list[Int8Conv] = []  # the next int8 conv, set by convert() when chained (list: no submodule)
+        # stride, padding, dilation as the lists oneDNN's ops take, built once rather than on every call
+        self._geometry = [list(self.conv_args[k]) for k in ("stride", "padding", "dilation")] if self.onednn else []
 
     def _clear_caches(self) -> None:
         super()._clear_caches()
@@ -235,18 +237,16 @@ class Int8Conv(_Int8Weight, torch.nn.Module):
         if x.dtype != torch.uint8:
             x = torch.clamp(torch.round(x.float() * (1.0 / scale)) + zero_point, 0, 255).to(torch.uint8)
         x = x.contiguous(memory_format=torch.channels_last)
-        args = self.conv_args
-        stride, padding, dilation = (list(args[k]) for k in ("stride", "padding", "dilation"))
-        packed, w_scale, w_zero = self._packed_weight(x.shape, scale, zero_point, stride, padding, dilation)
+        packed, w_scale, w_zero = self._packed_weight(x.shape, scale, zero_point)
         out_scale, out_zero, out_dtype = 1.0, 0, torch.float32
         if self._emit_to:  # requantize for the next conv's input (read live: a loaded checkpoint updates it)
             (out_scale, out_zero), out_dtype = self._emit_to[0]._act_qparams(), torch.uint8
         return torch.ops.onednn.qconv_pointwise(
-            x, scale, zero_point, packed, w_scale, w_zero, self.bias, stride, padding, dilation, args["groups"],
+            x, scale, zero_point, packed, w_scale, w_zero, self.bias, *self._geometry, self.conv_args["groups"],
             out_scale, out_zero, out_dtype, "relu" if self.relu else "none", [], "",
         )  # fmt: skip
 
-    def _packed_weight(self, shape, scale, zero_point, stride, padding, dilation) -> tuple:
+    def _packed_weight(self, shape, scale, zero_point) -> tuple:
         # Packed per input shape: oneDNN picks its kernel (and the weight layout it wants) from the input size;
         # a weight packed without it gets reordered again on every call (~100 us at batch 1, measured with
         # ONEDNN_VERBOSE). A few shapes are kept (batch 1 and 8 alternate in the benchmark).
@@ -256,8 +256,7 @@ class Int8Conv(_Int8Weight, torch.nn.Module):
                 self._packed.pop(next(iter(self._packed)))
             w_scale = self.weight_scale.float().expand(self.weight_shape[0]).contiguous()
             packed = torch.ops.onednn.qconv_prepack(
-                self.int8_weight(), w_scale, scale, zero_point, stride, padding, dilation, self.conv_args["groups"],
-                list(key),
+                self.int8_weight(), w_scale, scale, zero_point, *self._geometry, self.conv_args["groups"], list(key),
             )  # fmt: skip
             self._packed[key] = (packed, w_scale, torch.zeros(self.weight_shape[0], dtype=torch.long))
         return self._packed[key]
