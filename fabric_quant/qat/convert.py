@@ -118,8 +118,8 @@ class _Int8Weight(QuantizedLinear):
 
 
 # Below about a million multiply-adds the integer path's fixed costs (quantize, int32 -> float, rescale) exceed a
-# float matmul on the cached dequantized weight: e.g. a 256 -> 10 classifier head at batch 1 took ~80 us on
-# _int_mm and ~30 us in float on the CI machine (2 threads); a 384 x 384 layer on 8 rows was a tie.
+# float matmul on the cached dequantized weight (timed ad hoc on the CI machine, 2 threads: a classifier head at
+# batch 1 was faster in float, a 384 x 384 layer on 8 rows a tie; the benchmark tables show the whole models).
 SMALL_MATMUL = 1 << 20
 
 
@@ -248,8 +248,8 @@ class Int8Conv(_Int8Weight, torch.nn.Module):
 
     def _packed_weight(self, shape, scale, zero_point) -> tuple:
         # Packed per input shape: oneDNN picks its kernel (and the weight layout it wants) from the input size;
-        # a weight packed without it gets reordered again on every call (~100 us at batch 1, measured with
-        # ONEDNN_VERBOSE). A few shapes are kept (batch 1 and 8 alternate in the benchmark).
+        # a weight packed without it gets reordered again on every call (ONEDNN_VERBOSE lists the reorder).
+        # A few shapes are kept (batch 1 and 8 alternate in the benchmark).
         key = tuple(shape)
         if key not in self._packed:
             if len(self._packed) >= 4:
@@ -292,8 +292,8 @@ _CONVERTED = {
 class _Uint8MaxPool2d(torch.nn.MaxPool2d):
     """A max pool between two chained int8 convs: it takes their uint8 activations as they are (a max commutes
     with the monotone quantization map). torch's max pool refuses uint8 in channels-last and its NCHW integer
-    kernel is slow (~7x a float pool, measured), so the common non-overlapping case (kernel == stride) is an
-    elementwise max over strided views (rows, then columns), channels-last in and out."""
+    kernel is slower than a float pool (timed ad hoc), so the common non-overlapping case (kernel == stride) is
+    an elementwise max over strided views (rows, then columns), channels-last in and out."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dtype != torch.uint8:
