@@ -8,6 +8,11 @@ activations quantized per call, symmetric per-tensor, fp32 and bf16 output), `to
 int8 activations (kernel alone, no quantization or rescale), and the activation quantization alone. Relative
 error of each int8 output against fp32 is reported too. All of these are maintained torch core ops (none is in
 the deprecated torch.ao.quantization).
+
+The ``compiled_*`` columns time a one-Linear model through :func:`fabric_quant.kernels.compile_model` as the
+benchmarks use it: bf16, and ``quantize_dynamic`` int8 (per-token activations) lowered by inductor's freezing to
+oneDNN's qlinear (``compiled_int8``) or, with ``autotune=True``, to whichever of inductor's C++ AMX template and
+the library kernel timed faster (``compiled_int8_autotune``, ``compiled_bf16_autotune``).
 """
 
 from __future__ import annotations
@@ -17,10 +22,22 @@ from pathlib import Path
 import torch
 from jsonargparse import CLI
 
+from fabric_quant.kernels import can_compile
 from fabric_quant.report import machine_name, measure_latency, write_report
 
 SHAPES = [(128, 384, 384), (128, 384, 1536), (128, 1536, 384), (1024, 384, 1536), (1024, 1536, 384), (1, 2048, 2048)]
-KERNELS = ("fp32", "bf16", "onednn_int8_f32out", "onednn_int8_bf16out", "int_mm_kernel_only", "act_quant_only")
+KERNELS = ("fp32", "bf16", "onednn_int8_f32out", "onednn_int8_bf16out", "int_mm_kernel_only", "act_quant_only",
+           "compiled_bf16_autotune", "compiled_int8", "compiled_int8_autotune")  # fmt: skip
+
+
+def compiled(linear: torch.nn.Linear, x: torch.Tensor, int8: bool, autotune: bool):
+    import fabric_quant as fq
+    from fabric_quant.kernels import compile_model
+
+    model = torch.nn.Sequential(linear)
+    model = fq.quantize_dynamic(model) if int8 else model.to(torch.bfloat16)
+    fast, x = compile_model(model, autotune=autotune), x if int8 else x.bfloat16()
+    return lambda: fast(x)
 
 
 def measure(m: int, k: int, n: int, repeats: int) -> dict:
@@ -58,22 +75,34 @@ def measure(m: int, k: int, n: int, repeats: int) -> dict:
             "int_mm_kernel_only": lambda: torch._int_mm(x_mm, w_q.t()),
             "act_quant_only": quant,
         }
+        if can_compile():
+            linear = torch.nn.Linear(k, n)
+            with torch.no_grad():
+                linear.weight.copy_(w), linear.bias.copy_(bias)
+            for name, int8, autotune in (("bf16_autotune", False, True), ("int8", True, False),
+                                         ("int8_autotune", True, True)):  # fmt: skip
+                fns[f"compiled_{name}"] = compiled(linear, x, int8, autotune)
         for name, fn in fns.items():
             row[f"{name}_ms"] = measure_latency(fn, repeats, warmup=5)["median_ms"]
         row["onednn_int8_rel_err"] = ((onednn(torch.float32)() - ref).norm() / ref.norm()).item()
     row["bf16_speedup"] = row["fp32_ms"] / row["bf16_ms"]
     row["onednn_int8_speedup"] = row["fp32_ms"] / row["onednn_int8_bf16out_ms"]
+    if can_compile():
+        row["compiled_int8_autotune_vs_bf16"] = row["compiled_bf16_autotune_ms"] / row["compiled_int8_autotune_ms"]
     return row
 
 
 def main(repeats: int = 50, threads: int = 2, out_dir: Path = Path("benchmarks/results")) -> None:
     torch.set_num_threads(threads)
     rows = [measure(m, k, n, repeats) for m, k, n in SHAPES]
-    columns = ["shape", *(f"{k}_ms" for k in KERNELS), "bf16_speedup", "onednn_int8_speedup", "onednn_int8_rel_err"]
+    kernels = KERNELS if can_compile() else KERNELS[:6]
+    columns = ["shape", *(f"{k}_ms" for k in kernels), "bf16_speedup", "onednn_int8_speedup", "onednn_int8_rel_err"]
+    columns += ["compiled_int8_autotune_vs_bf16"] if can_compile() else []
     header = (
         f"# Linear kernels on {machine_name()}\n\nCommand: `python benchmarks/int8_kernels.py`; torch"
         f" {torch.__version__}, {threads} threads, median of {repeats}. Speedups are fp32 time / kernel time in"
-        " the same run (int8 with bf16 output, activation quantization included)."
+        " the same run (int8 with bf16 output, activation quantization included); compiled_int8_autotune_vs_bf16 ="
+        " compiled bf16 time / compiled int8 time, both autotuned."
     )
     print(write_report(rows, columns, out_dir, "int8_kernels", header)["markdown"].read_text())
 

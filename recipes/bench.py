@@ -4,9 +4,11 @@
     python recipes/bench.py --config configs/bench/digits-cnn.yaml    # a CNN trained here on sklearn digits
     python recipes/bench.py --help
 
-Rows: fp32, bf16, PTQ dynamic int8, PTQ static int8, QAT-converted int8 (CNN task: a short QAT fine-tune here),
-bitsandbytes int8 / nf4 / nf4-dq / fp4 / fp4-dq; with ``compile: true`` also ``+compile`` rows
-(``fabric_quant.kernels.compile_model``: inductor with freezing; the int8 GEMMs become oneDNN AMX/VNNI kernels).
+Rows: fp32, bf16, PTQ dynamic int8 (fp32 or bf16 rest), PTQ static int8, QAT-converted int8 (CNN task: a short
+QAT fine-tune here), bitsandbytes int8 / nf4 / nf4-dq / fp4 / fp4-dq, and on MiniLM the deprecated
+``torch.ao.quantization.quantize_dynamic`` as a reference where it still exists; with ``compile: true`` also
+``+compile`` rows (``fabric_quant.kernels.compile_model``: inductor with freezing, the int8 GEMMs become AMX/VNNI
+kernels; ``autotune: true`` lets it pick inductor's C++ GEMM or oneDNN's per shape by timing).
 Columns: size, bits/param, latency (median and interquartile range of repeats, rows measured in turns) at each
 batch size, speed-up vs the eager fp32 row of the same run, a training-path step (forward + backward through the frozen
 base, as QLoRA does; MiniLM; fp32, bf16 and bitsandbytes rows: the int8 PTQ layers are inference-only), and
@@ -17,7 +19,10 @@ accuracy (CNN).
 from __future__ import annotations
 
 import copy
+import importlib.util
+import math
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
@@ -35,11 +40,16 @@ from fabric_quant.report import bar_panels, machine_name, measure_latencies, wri
 BASELINES = ("fp32", "bf16")
 PTQ = ("ptq-dynamic-int8", "ptq-dynamic-int8-bf16", "ptq-static-int8")
 COMPILED = ("fp32", "bf16", *PTQ, "qat-int8")
+# The deprecated eager int8 API the notes' numbers come from: a same-run reference row for the MiniLM int8 rows
+# (latency and fidelity only: its packed weights are not tensors the footprint can count). Skipped once
+# torch.ao.quantization is gone; nothing in the package uses it.
+TORCH_AO = "torch.ao-dynamic-int8"
 
 
 def all_modes(task: str) -> list[str]:
     qat = ["qat-int8"] if task == "digits-cnn" else []
-    return [*BASELINES, *PTQ, *qat, *fq.available_modes("bitsandbytes")]
+    ao = [TORCH_AO] if task == "minilm" and importlib.util.find_spec("torch.ao.quantization") else []
+    return [*BASELINES, *ao, *PTQ, *qat, *fq.available_modes("bitsandbytes")]
 
 
 def check_modes(modes: list[str], task: str) -> list[str]:
@@ -161,6 +171,12 @@ def build_mode(task: Task, mode: str, backend: str) -> torch.nn.Module:
         return fq.quantize_static(task.build(), task.calibration(), backend=backend)
     if mode == "qat-int8":
         return task.qat()
+    if mode == TORCH_AO:
+        with warnings.catch_warnings():  # its deprecation notice: known, and why it is only a reference row
+            warnings.simplefilter("ignore")
+            from torch.ao.quantization import quantize_dynamic
+
+            return quantize_dynamic(task.build(), {torch.nn.Linear}, dtype=torch.qint8)
     fabric = Fabric(accelerator="cpu", devices=1, plugins=fq.precision_plugin(mode))  # bitsandbytes modes
     return fabric.setup_module(task.build()).module.eval()
 
@@ -249,8 +265,8 @@ def setup(
             fidelity, out = the_task.score(net, reference)
         reference = out if reference is None else reference
         fp = fq.footprint(net)
-        rows[mode] = {"mode": mode, "size_mb": fp.total_bytes / 1e6, "bits_per_param": fp.bits_per_param,
-                      "fidelity": fidelity}  # fmt: skip
+        size_mb, bits = (fp.total_bytes / 1e6, fp.bits_per_param) if mode != TORCH_AO else (math.nan, math.nan)
+        rows[mode] = {"mode": mode, "size_mb": size_mb, "bits_per_param": bits, "fidelity": fidelity}
         models[mode] = net
         if compile and mode in COMPILED:
             models[f"{mode}+compile"] = compile_model(net, autotune=autotune)
