@@ -246,6 +246,8 @@ def setup(
         out_dir: where bench.{md,csv,png} go.
     """
     modes = check_modes(modes or all_modes(task), task)
+    if autotune and not compile:
+        raise ValueError("autotune=True tunes the compiled rows: it needs compile=True (got compile=False)")
     backend = select_backend(backend)
     batch_sizes = batch_sizes or [1, 8]
     if any(b < 1 for b in batch_sizes):

@@ -144,6 +144,7 @@ def setup(
     repeats: int = 20,
     threads: int = 2,
     compile: bool = False,
+    autotune: bool = False,
     float_control: bool = True,
     seed: int = 42,
     out_dir: Path = Path("runs/qat"),
@@ -170,12 +171,16 @@ def setup(
         threads: torch CPU threads for the latency measurement.
         compile: also time fp32 and the converted models under `fabric_quant.kernels.compile_model` (inductor with
             freezing: the int8 GEMMs become oneDNN AMX/VNNI kernels); rows `... +compile`.
+        autotune: with `compile`, also autotune each GEMM shape (`compile_model(autotune=True)`: inductor's C++
+            GEMM template vs the library kernel, the faster one kept); slower compilation.
         float_control: also train the float model for the QAT epochs (same lr, no quantization): the control that
             separates QAT's recovery from the effect of extra training.
         seed: seeds data split, order and initialisation.
         out_dir: where qat_results.{md,csv,png} and the checkpoints go.
     """
     fq.QATPrecision(mode, **(options or {}))  # validates mode and options before any work
+    if autotune and not compile:
+        raise ValueError("autotune=True tunes the compiled rows: it needs compile=True (got compile=False)")
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}. Valid choices: {', '.join(TASKS)}")
     torch.set_num_threads(threads)
@@ -240,7 +245,7 @@ def setup(
         rows.append(row)
         if compile and name in timed and "PTQ" not in name:
             rows.append({**row, "model": f"{name} +compile"})
-            timed[f"{name} +compile"] = (rows[-1], compile_model(model))
+            timed[f"{name} +compile"] = (rows[-1], compile_model(model, autotune=autotune))
     calls = {name: partial(_call, model, one) for name, (_, model) in timed.items()}
     with torch.inference_mode():
         for fn in calls.values():  # compiles the +compile rows before timing
@@ -264,7 +269,8 @@ def setup(
         " held-out"
         f" split ({len(val_data[1])} examples); sizes are safetensors files; latency = median of {repeats} batch-1"
         " forwards (models measured in turns of 5 after an untimed call); ratios against eager fp32 in the same run;"
-        " `+compile` = inductor with freezing (accuracy: the eager model's). agreement_with_qat = argmax"
+        f" `+compile` = inductor with freezing{' and GEMM autotuning' if autotune else ''} (accuracy: the eager"
+        " model's). agreement_with_qat = argmax"
         " agreement with the fake-quant QAT model. `fp32 +QAT epochs` = the float model trained for the QAT epochs"
         " without quantization (the control). ptq_loss_recovered = (QAT - PTQ) / (control - PTQ) accuracy (fp32 in"
         " place of the control without one), where PTQ loses accuracy; 1.0 = all of it back."

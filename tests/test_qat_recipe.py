@@ -50,4 +50,6 @@ def test_bad_mode_and_options_are_refused_before_work(tmp_path):
         qat.setup(mode="nf4", out_dir=tmp_path / "o")
     with pytest.raises(ValueError, match=r"weight_bits=2 is not supported"):
         qat.setup(options={"weight_bits": 2}, out_dir=tmp_path / "o")
+    with pytest.raises(ValueError, match="autotune=True tunes the compiled rows: it needs compile=True"):
+        qat.setup(autotune=True, out_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()

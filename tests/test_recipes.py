@@ -75,6 +75,12 @@ def test_bench_digits_task_has_static_and_qat_rows(tmp_path):
         assert by_mode[mode]["fidelity"] > by_mode["fp32"]["fidelity"] - 0.05
 
 
+def test_bench_rejects_autotune_without_compile(tmp_path):
+    with pytest.raises(ValueError, match="autotune=True tunes the compiled rows: it needs compile=True"):
+        bench.setup(task="minilm", compile=False, autotune=True, out_dir=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_bench_rejects_unknown_mode_before_any_work(tmp_path):
     with pytest.raises(ValueError, match=r"Unknown mode\(s\) \['qat-int8'\] for task 'minilm'. Valid choices: fp32"):
         bench.setup(task="minilm", modes=["qat-int8"], out_dir=tmp_path / "out")
