@@ -326,6 +326,29 @@ def test_recommend_on_a_tiny_transformer_and_qat_fallback(tiny_bert_dir):
         assert "QAT" in strict.advice
 
 
+@pytest.mark.skipif(not can_compile(), reason="needs a C++ compiler")
+def test_recommend_can_time_the_compiled_candidates(tiny_bert_dir):
+    from transformers import AutoModel
+
+    model = AutoModel.from_pretrained(tiny_bert_dir).eval()
+    ids = torch.randint(5, 90, (2, 16))
+
+    def norm(m, data):
+        with torch.no_grad():
+            return m(input_ids=data).last_hidden_state.norm().item()
+
+    eager = fq.recommend(model, norm, ids, tolerance=1e9, example_input={"input_ids": ids}, repeats=2)
+    compiled = fq.recommend(model, norm, ids, tolerance=1e9, example_input={"input_ids": ids}, repeats=2, compile=True)
+    assert [c.scheme for c in compiled.candidates] == ["fp32", "dynamic"]
+    # the metric comes from the eager models either way; only the timing differs
+    metrics = {c.scheme: c.metric for c in eager.candidates}
+    assert all(c.metric == pytest.approx(metrics[c.scheme]) for c in compiled.candidates)
+    assert all(c.latency_ms > 0 for c in compiled.candidates)
+    assert not isinstance(compiled.candidates[1].model, torch._dynamo.eval_frame.OptimizedModule)
+    with pytest.raises(ValueError, match=r"recommend\(autotune=True\) tunes the compiled candidates"):
+        fq.recommend(model, norm, ids, example_input={"input_ids": ids}, autotune=True)
+
+
 def test_bad_input_is_rejected_clearly(trained_cnn):
     net, x = trained_cnn
     with pytest.raises(ValueError, match="calibration_data is empty"):

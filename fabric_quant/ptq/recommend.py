@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from fabric_quant.footprint import footprint
+from fabric_quant.kernels import can_compile, compile_model
 from fabric_quant.ptq.dynamic import quantize_dynamic
 from fabric_quant.ptq.rnn import RNN_TYPES
 from fabric_quant.ptq.static import call_model, quantize_static
@@ -79,6 +80,8 @@ def recommend(
     calibration_data: Iterable | None = None,
     example_input: object = None,
     repeats: int = 20,
+    compile: bool = False,
+    autotune: bool = False,
 ) -> Recommendation:
     """Measure the applicable PTQ schemes on ``model`` and rank them.
 
@@ -88,9 +91,17 @@ def recommend(
         calibration_data: batches of model inputs for static quantization (static is skipped without them).
         example_input: one model input for the latency measurement (default: the first calibration batch).
         repeats: timed calls per candidate (candidates measured in turns, median reported).
+        compile: time every candidate (fp32 too) as :func:`~fabric_quant.kernels.compile_model` compiles it: how
+            int8 pays off for transformers on CPU (eager int8 there is often no faster than fp32). The metric is
+            measured on the eager models (same numbers) and the candidates keep their eager model.
+        autotune: with ``compile``, ``compile_model(autotune=True)`` (GEMM autotuning; slower compilation).
     """
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
+    if autotune and not compile:
+        raise ValueError("recommend(autotune=True) tunes the compiled candidates: it needs compile=True")
+    if compile and not can_compile():
+        raise RuntimeError("recommend(compile=True) needs a C++ compiler (g++ or clang++) for inductor")
     counts = layer_profile(model)
     proposed = propose(counts, type(model).__name__)
     calibration = list(calibration_data) if calibration_data is not None else None
@@ -108,7 +119,8 @@ def recommend(
         models["static"] = quantize_static(model, calibration, progress=False)
     with torch.no_grad():
         metrics = {name: float(eval_fn(m, val_data)) for name, m in models.items()}
-    latency = measure_latencies({n: (lambda m=m: call_model(m, example_input)) for n, m in models.items()}, repeats)
+    timed = {n: compile_model(m, autotune=autotune) if compile else m for n, m in models.items()}
+    latency = measure_latencies({n: (lambda m=m: call_model(m, example_input)) for n, m in timed.items()}, repeats)
     base_ms = latency["fp32"]["median_ms"]
     candidates = []
     for name, m in models.items():
@@ -120,12 +132,14 @@ def recommend(
     static = next((c for c in candidates if c.scheme == "static"), None)
     if ok and ok[0].speedup > 1:
         best = ok[0].scheme
-        advice = f"{best} keeps the metric within {tolerance} ({ok[0].drop:+.4f}) at {ok[0].speedup:.2f}x fp32 speed"
+        speed = f"{ok[0].speedup:.2f}x fp32 speed{' (both compiled)' if compile else ''}"
+        advice = f"{best} keeps the metric within {tolerance} ({ok[0].drop:+.4f}) at {speed}"
     elif ok:
         smallest = min(ok, key=lambda c: c.size_mb)
         best = "fp32"
         advice = (f"the quantized schemes stay within {tolerance} but none is faster than fp32 on this machine"
-                  f" (too small to amortise the int8 kernels' overhead); for size, {smallest.scheme} is"
+                  f" (too small to amortise the int8 kernels' overhead{'' if compile else '; try compile=True'});"
+                  f" for size, {smallest.scheme} is"
                   f" {ranked[0].size_mb / smallest.size_mb:.1f}x smaller")  # fmt: skip
     elif static is not None:
         best = "qat"
