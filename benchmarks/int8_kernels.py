@@ -22,18 +22,21 @@ from pathlib import Path
 import torch
 from jsonargparse import CLI
 
-from fabric_quant.kernels import can_compile
+import fabric_quant as fq
+from fabric_quant.kernels import can_compile, compile_model
 from fabric_quant.report import machine_name, measure_latency, write_report
 
 SHAPES = [(128, 384, 384), (128, 384, 1536), (128, 1536, 384), (1024, 384, 1536), (1024, 1536, 384), (1, 2048, 2048)]
-KERNELS = ("fp32", "bf16", "onednn_int8_f32out", "onednn_int8_bf16out", "int_mm_kernel_only", "act_quant_only",
-           "compiled_bf16_autotune", "compiled_int8", "compiled_int8_autotune")  # fmt: skip
+EAGER = ("fp32", "bf16", "onednn_int8_f32out", "onednn_int8_bf16out", "int_mm_kernel_only", "act_quant_only")
+# name: (int8, autotune); timed where a C++ compiler exists
+COMPILED = {
+    "compiled_bf16_autotune": (False, True),
+    "compiled_int8": (True, False),
+    "compiled_int8_autotune": (True, True),
+}
 
 
 def compiled(linear: torch.nn.Linear, x: torch.Tensor, int8: bool, autotune: bool):
-    import fabric_quant as fq
-    from fabric_quant.kernels import compile_model
-
     model = torch.nn.Sequential(linear)
     model = fq.quantize_dynamic(model) if int8 else model.to(torch.bfloat16)
     fast, x = compile_model(model, autotune=autotune), x if int8 else x.bfloat16()
@@ -79,9 +82,8 @@ def measure(m: int, k: int, n: int, repeats: int) -> dict:
             linear = torch.nn.Linear(k, n)
             with torch.no_grad():
                 linear.weight.copy_(w), linear.bias.copy_(bias)
-            for name, int8, autotune in (("bf16_autotune", False, True), ("int8", True, False),
-                                         ("int8_autotune", True, True)):  # fmt: skip
-                fns[f"compiled_{name}"] = compiled(linear, x, int8, autotune)
+            for name, (int8, autotune) in COMPILED.items():
+                fns[name] = compiled(linear, x, int8, autotune)
         for name, fn in fns.items():
             row[f"{name}_ms"] = measure_latency(fn, repeats, warmup=5)["median_ms"]
         row["onednn_int8_rel_err"] = ((onednn(torch.float32)() - ref).norm() / ref.norm()).item()
@@ -95,7 +97,7 @@ def measure(m: int, k: int, n: int, repeats: int) -> dict:
 def main(repeats: int = 50, threads: int = 2, out_dir: Path = Path("benchmarks/results")) -> None:
     torch.set_num_threads(threads)
     rows = [measure(m, k, n, repeats) for m, k, n in SHAPES]
-    kernels = KERNELS if can_compile() else KERNELS[:6]
+    kernels = [*EAGER, *COMPILED] if can_compile() else EAGER
     columns = ["shape", *(f"{k}_ms" for k in kernels), "bf16_speedup", "onednn_int8_speedup", "onednn_int8_rel_err"]
     columns += ["compiled_int8_autotune_vs_bf16"] if can_compile() else []
     header = (

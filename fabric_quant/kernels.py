@@ -54,6 +54,12 @@ def can_compile() -> bool:
     return shutil.which("g++") is not None or shutil.which("clang++") is not None
 
 
+def check_autotune(compile: bool, autotune: bool) -> None:
+    """A recipe's ``autotune`` only applies to its compiled rows: refuse it without ``compile`` before any work."""
+    if autotune and not compile:
+        raise ValueError("autotune=True tunes the compiled rows: it needs compile=True (got compile=False)")
+
+
 def _inference_config(autotune: bool):
     import torch._inductor.config as inductor_config
 

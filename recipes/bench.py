@@ -33,7 +33,7 @@ from lightning.fabric import Fabric
 from tqdm import tqdm
 
 import fabric_quant as fq
-from fabric_quant.kernels import can_compile, compile_model, cpu_features, select_backend
+from fabric_quant.kernels import can_compile, check_autotune, compile_model, cpu_features, select_backend
 from fabric_quant.models import digits_cnn, digits_data, sentence_embeddings
 from fabric_quant.report import bar_panels, machine_name, measure_latencies, write_report
 
@@ -246,8 +246,7 @@ def setup(
         out_dir: where bench.{md,csv,png} go.
     """
     modes = check_modes(modes or all_modes(task), task)
-    if autotune and not compile:
-        raise ValueError("autotune=True tunes the compiled rows: it needs compile=True (got compile=False)")
+    check_autotune(compile, autotune)
     backend = select_backend(backend)
     batch_sizes = batch_sizes or [1, 8]
     if any(b < 1 for b in batch_sizes):
@@ -266,8 +265,10 @@ def setup(
         with torch.inference_mode():
             fidelity, out = the_task.score(net, reference)
         reference = out if reference is None else reference
-        fp = fq.footprint(net)
-        size_mb, bits = (fp.total_bytes / 1e6, fp.bits_per_param) if mode != TORCH_AO else (math.nan, math.nan)
+        size_mb, bits = math.nan, math.nan
+        if mode != TORCH_AO:
+            fp = fq.footprint(net)
+            size_mb, bits = fp.total_bytes / 1e6, fp.bits_per_param
         rows[mode] = {"mode": mode, "size_mb": size_mb, "bits_per_param": bits, "fidelity": fidelity}
         models[mode] = net
         if compile and mode in COMPILED:

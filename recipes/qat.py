@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 import fabric_quant as fq
-from fabric_quant.kernels import compile_model
+from fabric_quant.kernels import check_autotune, compile_model
 from fabric_quant.models import digits_cnn, digits_data
 from fabric_quant.report import bar_panels, machine_name, measure_latencies, write_report
 
@@ -179,8 +179,7 @@ def setup(
         out_dir: where qat_results.{md,csv,png} and the checkpoints go.
     """
     fq.QATPrecision(mode, **(options or {}))  # validates mode and options before any work
-    if autotune and not compile:
-        raise ValueError("autotune=True tunes the compiled rows: it needs compile=True (got compile=False)")
+    check_autotune(compile, autotune)
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}. Valid choices: {', '.join(TASKS)}")
     torch.set_num_threads(threads)

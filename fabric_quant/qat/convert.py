@@ -275,9 +275,9 @@ class Int8Embedding(_Int8Weight, torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group_size is not None:
             return torch.nn.functional.embedding(x, self.compute_weight(self.out_dtype), self.padding_idx)
-        if not self.per_channel:  # one scale for the whole table
-            return (self.int8_weight()[x].float() * self.weight_scale.reshape(())).to(self.out_dtype)
-        return (self.int8_weight()[x].float() * self.weight_scale[x].unsqueeze(-1)).to(self.out_dtype)
+        # one scale for the whole table, or one per row: only the looked-up rows are rescaled
+        scale = self.weight_scale[x].unsqueeze(-1) if self.per_channel else self.weight_scale.reshape(())
+        return (self.int8_weight()[x].float() * scale).to(self.out_dtype)
 
 
 _CONVERTED = {
