@@ -1,29 +1,58 @@
-"""fabric-quant: quantization for Lightning Fabric that runs on CPU and CUDA."""
+"""fabric-quant: quantization for PyTorch and Lightning (Fabric and the Trainer) that runs on CPU and CUDA.
 
+Layers, bottom up: ``numerics`` (integer grids, fake quantization, observers) -> ``nn`` (real quantized modules)
+-> the families' library functions (``bnb``, ``qat``, ``ptq``), which register their modes -> ``quantize_`` /
+``convert`` -> ``plugins`` (thin Lightning adapters, imported only when a plugin is asked for).
+"""
+
+from fabric_quant import bnb as _bnb_family  # noqa: F401  (registers the bitsandbytes modes)
 from fabric_quant._bnb import quiet_bitsandbytes_logs
+from fabric_quant.api import convert, quantize_
 from fabric_quant.checkpoint import dequantized_state_dict, load_quantized, save_dequantized, save_quantized
 from fabric_quant.footprint import Footprint, footprint
-from fabric_quant.plugins import BnbPrecision, PTQPrecision, QATPrecision
 from fabric_quant.ptq import quantize_dynamic, quantize_static, recommend
-from fabric_quant.registry import available_modes, mode_spec, precision_plugin, register_mode
+from fabric_quant.qat import apply_schedule
+from fabric_quant.registry import available_modes, mode_spec, precision_plugin, register_mode, unregister_mode
+
+_PLUGINS = {
+    "BnbPrecision": "fabric_quant.plugins.bnb",
+    "BnbFSDPPrecision": "fabric_quant.plugins.bnb_fsdp",
+    "QATPrecision": "fabric_quant.plugins.qat",
+    "PTQPrecision": "fabric_quant.plugins.ptq",
+}
+
+
+def __getattr__(name: str):
+    # The plugin classes load Lightning's plugin layer: imported on first use, never by the library itself.
+    if name in _PLUGINS:
+        import importlib
+
+        return getattr(importlib.import_module(_PLUGINS[name]), name)
+    raise AttributeError(f"module 'fabric_quant' has no attribute {name!r}")
+
 
 __all__ = [
+    "BnbFSDPPrecision",
     "BnbPrecision",
     "Footprint",
     "PTQPrecision",
     "QATPrecision",
+    "apply_schedule",
     "available_modes",
+    "convert",
     "dequantized_state_dict",
     "footprint",
     "load_quantized",
     "mode_spec",
     "precision_plugin",
+    "quantize_",
     "quantize_dynamic",
     "quantize_static",
     "recommend",
     "register_mode",
     "save_dequantized",
     "save_quantized",
+    "unregister_mode",
 ]
 __version__ = "0.1.0"
 

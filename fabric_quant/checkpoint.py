@@ -15,7 +15,7 @@ from lightning.fabric.wrappers import _unwrap_objects
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from fabric_quant.layers.base import quantized_layers
+from fabric_quant.nn.base import quantized_layers
 
 FORMAT = "fabric_quant/1"
 

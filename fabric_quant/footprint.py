@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from lightning.fabric.wrappers import _unwrap_objects
 
-from fabric_quant.layers.base import QuantizedLinear
+from fabric_quant.nn.base import QuantizedLinear
 
 
 @dataclass(frozen=True)

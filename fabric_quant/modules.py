@@ -7,9 +7,16 @@ from collections.abc import Callable, Iterable
 import torch
 
 
-def check_ignore_modules(module: torch.nn.Module, ignore_modules: Iterable[str]) -> set[str]:
+def ignore_set(ignore_modules: Iterable[str] | None) -> frozenset[str]:
+    """``ignore_modules`` as a set of name prefixes; a bare string (a common slip for ``{"lm_head"}``) is refused."""
+    if isinstance(ignore_modules, str):
+        raise TypeError(f"ignore_modules must be a collection of name prefixes, got the string {ignore_modules!r}")
+    return frozenset(ignore_modules or ())
+
+
+def check_ignore_modules(module: torch.nn.Module, ignore_modules: Iterable[str] | None) -> frozenset[str]:
     """Validate ``ignore_modules`` prefixes against the module's names; a prefix matching nothing is an error."""
-    ignore = set(ignore_modules)
+    ignore = ignore_set(ignore_modules)
     names = [name for name, _ in module.named_modules() if name]
     unmatched = sorted(p for p in ignore if not any(_matches(name, p) for name in names))
     if unmatched:
@@ -44,3 +51,16 @@ def replace_modules(
         parent = module.get_submodule(parent_name) if parent_name else module
         setattr(parent, attr, build(name, child))
     return [name for name, _ in targets]
+
+
+def cast_float_rest(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast every float parameter and buffer to ``dtype``, except the tensors a quantized layer stores its weight
+    in (``storage_keys``: packed data must not be cast, and int8 scales stay fp32: a bf16 scale would shift each
+    output channel by up to 0.4 %). Layers with an ``out_dtype`` (int8 Embedding lookups) emit ``dtype``."""
+    for module in model.modules():
+        if hasattr(module, "out_dtype"):
+            module.out_dtype = dtype
+        keep = set(getattr(module, "storage_keys", ()))
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype and name not in keep:
+                tensor.data = tensor.data.to(dtype)

@@ -1,17 +1,21 @@
-"""One registry of quantization mode names: the single source of truth for every plugin family.
+"""One registry of quantization mode names: the single source of truth for every family.
 
-A scheme is added by one module that calls :func:`register_mode` at import time; nothing else in the
-package needs to know about it (the pattern of torchao's ``quantize_(model, config)`` registry).
+A mode maps to its family's library function (``quantize(model, mode, **options)``, what
+:func:`fabric_quant.quantize_` calls), to its scheme parameters, and to the precision plugin that applies the same
+function inside Lightning (named as ``"module:name"`` and imported only when a plugin is asked for, so the library
+never imports the plugin layer). A scheme is added by one module that calls :func:`register_mode` at import time
+(the pattern of torchao's ``quantize_(model, config)`` registry).
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from lightning.fabric.plugins import Precision
+import torch
 
 
 @dataclass(frozen=True)
@@ -20,12 +24,18 @@ class ModeSpec:
 
     name: str
     family: str
-    """Which plugin family owns the mode, e.g. ``"bitsandbytes"``."""
-    factory: Callable[..., Precision]
-    """Called as ``factory(name, **kwargs)`` to build the Fabric plugin."""
+    """Which family owns the mode, e.g. ``"bitsandbytes"``."""
+    quantize: Callable[..., torch.nn.Module]
+    """The library function: ``quantize(model, name, **options)`` transforms ``model`` in place and returns it."""
+    plugin: str
+    """The Lightning precision plugin's class or factory, as ``"module:name"``; called as ``f(mode, **options)``."""
     description: str
     options: Mapping[str, Any] = field(default_factory=dict)
-    """Scheme parameters the family's layers read (quant type, double quantization, ...)."""
+    """Scheme parameters the family reads (quant type, double quantization, bits, ...)."""
+
+    def plugin_factory(self) -> Callable[..., Any]:
+        module, _, attr = self.plugin.partition(":")
+        return getattr(importlib.import_module(module), attr)
 
 
 _REGISTRY: dict[str, ModeSpec] = {}
@@ -33,17 +43,26 @@ _REGISTRY: dict[str, ModeSpec] = {}
 
 def register_mode(
     name: str,
-    factory: Callable[..., Precision],
     *,
     family: str,
+    quantize: Callable[..., torch.nn.Module],
+    plugin: str,
     description: str,
     options: Mapping[str, Any] | None = None,
 ) -> ModeSpec:
     if name in _REGISTRY:
         raise ValueError(f"Quantization mode {name!r} is already registered by family {_REGISTRY[name].family!r}")
-    spec = ModeSpec(name, family, factory, description, MappingProxyType(dict(options or {})))
+    if ":" not in plugin:
+        raise ValueError(f"plugin={plugin!r} must name the plugin class or factory as 'module:name'")
+    spec = ModeSpec(name, family, quantize, plugin, description, MappingProxyType(dict(options or {})))
     _REGISTRY[name] = spec
     return spec
+
+
+def unregister_mode(name: str) -> None:
+    """Remove a mode (e.g. one a test or an experiment registered)."""
+    mode_spec(name)
+    del _REGISTRY[name]
 
 
 def available_modes(family: str | None = None) -> list[str]:
@@ -60,6 +79,8 @@ def mode_spec(name: str, family: str | None = None) -> ModeSpec:
     return spec
 
 
-def precision_plugin(name: str, **kwargs: Any) -> Precision:
-    """Build the Fabric precision plugin registered under ``name``, e.g. ``precision_plugin("nf4-dq")``."""
-    return mode_spec(name).factory(name, **kwargs)
+def precision_plugin(name: str, **kwargs: Any):
+    """The precision plugin registered under ``name``, e.g. ``precision_plugin("nf4-dq")``: one object that
+    ``lightning.fabric.Fabric(plugins=...)`` and ``lightning.pytorch.Trainer(plugins=...)`` both accept."""
+    spec = mode_spec(name)
+    return spec.plugin_factory()(name, **kwargs)

@@ -33,8 +33,10 @@ from lightning.fabric import Fabric
 from tqdm import tqdm
 
 import fabric_quant as fq
+from fabric_quant.finetune.loop import fit_classifier
 from fabric_quant.kernels import can_compile, check_autotune, compile_model, cpu_features, select_backend
 from fabric_quant.models import digits_cnn, digits_data, sentence_embeddings
+from fabric_quant.ptq import call_model
 from fabric_quant.report import bar_panels, machine_name, measure_latencies, write_report
 
 BASELINES = ("fp32", "bf16")
@@ -119,19 +121,15 @@ class DigitsCNNTask(Task):
     def _fit(self, model, plugin=None, epochs=None, lr=3e-3):
         fabric = Fabric(accelerator="cpu", devices=1, plugins=plugin)
         net = fabric.setup_module(model)
-        opt = fabric.setup_optimizers(torch.optim.AdamW(net.parameters(), lr=lr))
-        gen = torch.Generator().manual_seed(self.seed)
-        step = 0
-        for _ in tqdm(range(epochs or self.epochs), desc="train" if plugin is None else "qat", leave=False):
-            net.train()
-            for idx in torch.randperm(len(self.train_y), generator=gen).split(64):
-                if plugin is not None:
-                    plugin.apply_schedule(net, step)
-                loss = torch.nn.functional.cross_entropy(net(self.train_x[idx]), self.train_y[idx])
-                opt.zero_grad()
-                fabric.backward(loss)
-                opt.step()
-                step += 1
+        gen = torch.Generator().manual_seed(self.seed)  # one stream over all epochs
+
+        def batches(epoch):
+            order = torch.randperm(len(self.train_y), generator=gen)
+            return ((self.train_x[i], self.train_y[i]) for i in order.split(64))
+
+        on_step = None if plugin is None else (lambda step: plugin.apply_schedule(net, step))
+        fit_classifier(fabric, net, batches, epochs or self.epochs, lr, call=call_model, on_step=on_step,
+                       desc="train" if plugin is None else "qat")  # fmt: skip
         return net.module.eval()
 
     def build(self) -> torch.nn.Module:
@@ -159,16 +157,12 @@ class DigitsCNNTask(Task):
 
 
 def build_mode(task: Task, mode: str, backend: str) -> torch.nn.Module:
+    """The task's model in ``mode``: the float baselines, the QAT row (trained here), the torch.ao reference, and
+    every registered mode through ``fq.quantize_``."""
     if mode == "fp32":
         return task.build()
     if mode == "bf16":
         return task.build().to(torch.bfloat16)
-    if mode == "ptq-dynamic-int8":
-        return fq.quantize_dynamic(task.build())
-    if mode == "ptq-dynamic-int8-bf16":
-        return fq.quantize_dynamic(task.build(), dtype=torch.bfloat16)
-    if mode == "ptq-static-int8":
-        return fq.quantize_static(task.build(), task.calibration(), backend=backend)
     if mode == "qat-int8":
         return task.qat()
     if mode == TORCH_AO:
@@ -177,8 +171,10 @@ def build_mode(task: Task, mode: str, backend: str) -> torch.nn.Module:
             from torch.ao.quantization import quantize_dynamic
 
             return quantize_dynamic(task.build(), {torch.nn.Linear}, dtype=torch.qint8)
-    fabric = Fabric(accelerator="cpu", devices=1, plugins=fq.precision_plugin(mode))  # bitsandbytes modes
-    return fabric.setup_module(task.build()).module.eval()
+    options = {}
+    if mode == "ptq-static-int8":
+        options = {"calibration_data": task.calibration(), "backend": backend}
+    return fq.quantize_(task.build(), mode, **options).eval()
 
 
 def input_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -13,6 +13,7 @@ against the float model in the same run, go to out_dir/qat_results.{md,csv,png}.
 from __future__ import annotations
 
 import copy
+import itertools
 import os
 import sys
 from functools import partial
@@ -23,11 +24,13 @@ import torch
 from jsonargparse import CLI
 from lightning.fabric import Fabric
 from safetensors.torch import save_file
-from tqdm import tqdm
 
 import fabric_quant as fq
+from fabric_quant.finetune.loop import fit_classifier
 from fabric_quant.kernels import check_autotune, compile_model
 from fabric_quant.models import digits_cnn, digits_data
+from fabric_quant.ptq import call_model
+from fabric_quant.qat import QATConfig, qat_config
 from fabric_quant.report import bar_panels, machine_name, measure_latencies, write_report
 
 CONTROL = "fp32 +QAT epochs"
@@ -91,8 +94,13 @@ def _batches(inputs: dict, labels: torch.Tensor, size: int, seed: int | None, ep
         yield {k: v[idx] for k, v in inputs.items()}, labels[idx]
 
 
+def _inputs(inputs: dict):
+    """A batch as the model takes it: the image tensor of the CNN, keyword arguments of a transformer."""
+    return inputs["x"] if set(inputs) == {"x"} else inputs
+
+
 def _call(model, inputs: dict) -> torch.Tensor:
-    return model(inputs["x"]) if set(inputs) == {"x"} else model(**inputs)
+    return call_model(model, _inputs(inputs))
 
 
 @torch.no_grad()
@@ -104,25 +112,10 @@ def evaluate(model, data, batch_size: int) -> tuple[float, torch.Tensor]:
 
 
 def train(fabric, model, data, epochs: int, lr: float, batch_size: int, seed: int, desc: str, plugin=None):
-    optimizer = fabric.setup_optimizers(torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr))
-    inputs, labels = data
-    steps_per_epoch = -(-len(labels) // batch_size)
-    step = 0
-    bar = tqdm(total=epochs * steps_per_epoch, desc=desc, disable=fabric.global_rank != 0)
-    for epoch in range(epochs):
-        model.train()
-        for batch, target in _batches(inputs, labels, batch_size, seed, epoch):
-            if plugin is not None:
-                plugin.apply_schedule(model, step)
-            loss = torch.nn.functional.cross_entropy(_call(model, batch), target)
-            optimizer.zero_grad()
-            fabric.backward(loss)
-            optimizer.step()
-            step += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-    bar.close()
-    return model
+    return fit_classifier(
+        fabric, model, lambda epoch: _batches(*data, batch_size, seed, epoch), epochs, lr, call=_call, desc=desc,
+        on_step=None if plugin is None else (lambda step: plugin.apply_schedule(model, step)),
+    )  # fmt: skip
 
 
 def setup(
@@ -178,7 +171,7 @@ def setup(
         seed: seeds data split, order and initialisation.
         out_dir: where qat_results.{md,csv,png} and the checkpoints go.
     """
-    fq.QATPrecision(mode, **(options or {}))  # validates mode and options before any work
+    qat_config(mode, **(options or {}))  # validates mode and options before any work
     check_autotune(compile, autotune)
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}. Valid choices: {', '.join(TASKS)}")
@@ -198,17 +191,11 @@ def setup(
     }
     # PTQ: the same scheme, observers calibrated on a few training batches, no weight update
     options = dict(options or {})
-    ptq_plugin = fq.QATPrecision(mode, **options)
-    ptq = ptq_plugin.convert_module(copy.deepcopy(float_model))
-    ptq_plugin.freeze_bn(ptq)
-    ptq.eval()
-    with torch.no_grad():
-        for i, (batch, _) in enumerate(_batches(*train_data, batch_size, seed, 0)):
-            if i == calibration_batches:
-                break
-            _call(ptq, batch)
-    ptq_plugin.freeze_observers(ptq)
-    ptq_deployed = ptq_plugin.convert(ptq)
+    calibration = [_inputs(batch) for batch, _ in itertools.islice(
+        _batches(*train_data, batch_size, seed, 0), calibration_batches)]  # fmt: skip
+    ptq_options = {"observer": QATConfig().observer, **options}  # the QAT arm's observer, for a like comparison
+    ptq_deployed = fq.quantize_static(copy.deepcopy(float_model), calibration, mode=mode, embeddings=False,
+                                      progress=False, **ptq_options)  # fmt: skip
 
     qat_plugin = fq.QATPrecision(mode, **schedule, **options)
     qat_fabric = Fabric(accelerator="cpu", devices=1, plugins=qat_plugin)

@@ -81,8 +81,8 @@ def setup(
     if quantize is None:
         plugin, fabric = None, Fabric(precision=precision, **kwargs)
     else:
-        # ignore_modules (the output head by default) is filled in by main once the model is loaded
-        plugin = fq.BnbPrecision(quantize, dtype=compute_dtype)
+        # the plugin sets the dtypes; main quantizes the model (ignoring the output head, known once it is loaded)
+        plugin = fq.precision_plugin(quantize, dtype=compute_dtype)
         fabric = Fabric(plugins=plugin, **kwargs)
     check_optimizer(train.optimizer, fabric.device)
     fabric.launch()
@@ -123,10 +123,9 @@ def main(fabric, plugin, config, model_args, lora, data, train, eval_args, seed,
     with fabric.rank_zero_first():
         net = load_float_model(path, task, train_set.labels)
     heads = head_names(net, task)
-    if plugin is not None:
-        plugin.ignore_modules = set(model_args.ignore_modules or heads)
-        plugin.convert_module(net)  # quantize before LoRA so the adapters themselves stay float
-        net.to(fabric.device)  # bitsandbytes quantizes on the move, on the target device
+    if plugin is not None:  # quantize before LoRA so the adapters themselves stay float, on the target device
+        fq.quantize_(net, plugin.mode, dtype=plugin.dtype, ignore_modules=model_args.ignore_modules or heads,
+                     device=fabric.device)  # fmt: skip
     if train.gradient_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = add_lora(net, task, lora, heads)

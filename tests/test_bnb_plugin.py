@@ -6,7 +6,7 @@ from conftest import BNB_MODES, Net, make_net, rel_err, setup_quantized
 from lightning.fabric import Fabric
 
 import fabric_quant as fq
-from fabric_quant.layers import QuantizedLinear
+from fabric_quant.nn import QuantizedLinear
 
 # Relative output error of one layer with Gaussian weights vs fp32. int8: row-wise absmax int8 has an RMS
 # error of ~0.73 % on Gaussian rows; 4-bit: QLoRA-level block quantization error (NF4 < FP4).

@@ -6,7 +6,7 @@ from conftest import BNB_MODES, Net, make_net, rel_err
 from lightning.fabric import Fabric
 
 import fabric_quant as fq
-from fabric_quant.layers import QuantizedLinear
+from fabric_quant.nn import QuantizedLinear
 
 pytestmark = pytest.mark.cuda
 

@@ -12,8 +12,8 @@ from safetensors.torch import save_file
 import fabric_quant as fq
 from fabric_quant.kernels import can_compile, compile_model, onednn_int8_available, select_backend
 from fabric_quant.numerics.observers import MinMaxObserver, MSEObserver, PercentileObserver
-from fabric_quant.ptq import DynamicInt8RNN
-from fabric_quant.qat import Int8Conv, Int8Linear
+from fabric_quant.nn import DynamicInt8RNN, Int8Conv, Int8Linear
+from fabric_quant.nn.int8 import Uint8MaxPool2d
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_dynamic_rnn_and_linear_save_reload(tmp_path, digits):
 def test_dynamic_quantizes_embedding_tables_and_reloads(tmp_path, tiny_bert_dir):
     from transformers import AutoConfig, AutoModel
 
-    from fabric_quant.qat import Int8Embedding
+    from fabric_quant.nn import Int8Embedding
 
     model = AutoModel.from_pretrained(tiny_bert_dir).eval()
     ids = torch.randint(5, 90, (4, 16))
@@ -248,7 +248,7 @@ def test_chained_int8_convs_pass_uint8_through_max_pools(digits):
     calib = list(x[:128].split(32))
     fast = fq.quantize_static(net, calib, backend="x86", progress=False)
     ref = fq.quantize_static(net, calib, backend="reference", progress=False)
-    assert fast[0]._emit_to == [fast[4]] and type(fast[3]).__name__ == "_Uint8MaxPool2d"
+    assert fast[0]._emit_to == [fast[4]] and isinstance(fast[3], Uint8MaxPool2d)
     assert type(fast[6]) is torch.nn.MaxPool2d  # after the last conv: float, left as it is
     with torch.no_grad():
         for batch in (x[128:129], x[128:136], x[128:129], x[128:200]):  # oneDNN weights packed per input shape

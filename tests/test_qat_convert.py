@@ -9,8 +9,8 @@ from safetensors.torch import save_file
 from test_qat import tiny_cnn
 
 import fabric_quant as fq
-from fabric_quant.qat import Int8Conv, Int8Linear, QATConfig, QATLinear
-from fabric_quant.qat.convert import pack_int4, unpack_int4
+from fabric_quant.nn import Int8Conv, Int8Linear, pack_int4, unpack_int4
+from fabric_quant.qat import QATConfig, QATLinear, convert_layer
 
 
 def digits(n=512):
@@ -66,7 +66,7 @@ def test_integer_kernel_path_equals_float_reference(activations):
     qat(torch.randn(100, 256) * 2)  # calibrates the static observer
     with torch.no_grad():
         reference = qat(x)
-        layer = Int8Linear(qat)
+        layer = convert_layer(qat)
         assert layer._integer_ok(x) and not layer._integer_ok(x[:2])
         got, small = layer(x), layer(x[:2])
     assert torch.allclose(got, reference, atol=1e-4, rtol=1e-4)
@@ -76,7 +76,7 @@ def test_integer_kernel_path_equals_float_reference(activations):
 def test_int4_groups_are_packed_and_reference_exact():
     torch.manual_seed(0)
     qat = QATLinear.from_float(torch.nn.Linear(64, 16), QATConfig(weight_bits=4, group_size=32))
-    layer = Int8Linear(qat)
+    layer = convert_layer(qat)
     assert layer.qweight.dtype == torch.uint8 and layer.qweight.numel() == 64 * 16 // 2
     x = torch.randn(3, 64)
     with torch.no_grad():
@@ -112,7 +112,8 @@ def test_convert_does_not_touch_the_qat_model():
 def test_embedding_qat_and_conversion(tiny_bert_with_tokenizer):
     from transformers import AutoModel
 
-    from fabric_quant.qat import Int8Embedding, QATEmbedding
+    from fabric_quant.nn import Int8Embedding
+    from fabric_quant.qat import QATEmbedding
 
     model = AutoModel.from_pretrained(tiny_bert_with_tokenizer)
     plugin = fq.QATPrecision("qat-int8", embeddings=True)
@@ -160,6 +161,6 @@ def test_conv_with_learned_activation_scale_converts_to_the_learned_scale():
         conv.act_scale.mul_(1.5)  # as if training had moved it away from the observer's range
         conv.act_observer.enabled = False
         expected = conv(x)
-        deployed = Int8Conv(conv)
+        deployed = convert_layer(conv)
         assert deployed.act_scale.item() == pytest.approx(conv.act_scale.item())
         assert torch.allclose(deployed(x), expected, atol=1e-5)

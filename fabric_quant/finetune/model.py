@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 
 from fabric_quant.checkpoint import save_dir_atomically
-from fabric_quant.layers.base import quantized_layers
+from fabric_quant.nn.base import quantized_layers
 
 _TASK_TYPE = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 _PEFT_PREFIX = "base_model.model."

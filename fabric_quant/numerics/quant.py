@@ -61,6 +61,12 @@ def group_view(weight: torch.Tensor, group_size: int | None, per_channel: bool =
     return rows.reshape(-1, group_size)
 
 
+def absmax_scale(rows: torch.Tensor, bits: int) -> torch.Tensor:
+    """Symmetric scale of each row: its absolute maximum over the integer range's maximum (an all-zero row gets
+    a tiny scale, so it still rounds to zeros)."""
+    return rows.detach().float().abs().amax(1).clamp(min=1e-8) / qrange(bits, symmetric=True)[1]
+
+
 def fake_quant_weight(
     weight: torch.Tensor, bits: int, group_size: int | None, per_channel: bool = True
 ) -> torch.Tensor:

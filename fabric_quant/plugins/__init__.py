@@ -1,7 +1,9 @@
-"""Fabric precision plugins; importing this package registers every mode in the registry."""
+"""Lightning precision plugins: thin adapters over the library functions, each accepted by both
+``lightning.fabric.Fabric(plugins=...)`` and ``lightning.pytorch.Trainer(plugins=...)``."""
 
-from fabric_quant.plugins.bnb import BnbPrecision
+from fabric_quant.plugins.bnb import BnbPrecision, bnb_plugin
+from fabric_quant.plugins.bnb_fsdp import BnbFSDPPrecision
 from fabric_quant.plugins.ptq import PTQPrecision
 from fabric_quant.plugins.qat import QATPrecision
 
-__all__ = ["BnbPrecision", "PTQPrecision", "QATPrecision"]
+__all__ = ["BnbFSDPPrecision", "BnbPrecision", "PTQPrecision", "QATPrecision", "bnb_plugin"]

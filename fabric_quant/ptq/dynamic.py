@@ -1,8 +1,9 @@
 """Dynamic post-training quantization: int8 weights now, int8 activations computed per call.
 
-Linear -> the converted int8 Linear of the QAT package with dynamic activations (int8 per-channel weights,
-symmetric per-token int8 activations, ``torch._int_mm``; oneDNN's AMX/VNNI GEMM under
-:func:`fabric_quant.kernels.compile_model`). LSTM / GRU -> :class:`DynamicInt8RNN`.
+Linear -> :class:`~fabric_quant.nn.Int8Linear` with dynamic activations (int8 per-channel weights, symmetric
+per-token int8 activations, ``torch._int_mm``; oneDNN's AMX/VNNI GEMM under
+:func:`fabric_quant.kernels.compile_model`). LSTM / GRU -> :class:`~fabric_quant.nn.DynamicInt8RNN`. Embedding ->
+:class:`~fabric_quant.nn.Int8Embedding` (weight-only).
 """
 
 from __future__ import annotations
@@ -13,10 +14,8 @@ from collections.abc import Iterable
 import torch
 
 from fabric_quant.dtypes import parse_dtype
-from fabric_quant.modules import check_ignore_modules, is_ignored, replace_modules
-from fabric_quant.ptq.rnn import RNN_TYPES, DynamicInt8RNN
-from fabric_quant.qat.convert import Int8Embedding, Int8Linear
-from fabric_quant.qat.layers import QATConfig, QATEmbedding, QATLinear
+from fabric_quant.modules import cast_float_rest, check_ignore_modules, is_ignored, replace_modules
+from fabric_quant.nn import RNN_TYPES, DynamicInt8RNN, Int8Config, Int8Embedding, Int8Linear
 
 LAYERS = ("linear", "lstm", "gru", "embedding")
 DTYPES = (torch.float32, torch.bfloat16)
@@ -26,15 +25,6 @@ _TYPES = {
     "gru": (torch.nn.GRU,),
     "embedding": (torch.nn.Embedding,),
 }
-
-
-def _dynamic_linear(linear: torch.nn.Linear, per_channel: bool) -> Int8Linear:
-    return Int8Linear(QATLinear.from_float(linear, QATConfig(activations="dynamic", per_channel=per_channel)))
-
-
-def _int8_embedding(emb: torch.nn.Embedding, per_channel: bool) -> Int8Embedding:
-    # weight-only (the input is an index): a lookup gathers int8 rows and rescales just those
-    return Int8Embedding(QATEmbedding.from_float(emb, QATConfig(activations="none", per_channel=per_channel)))
 
 
 def quantize_dynamic(
@@ -67,9 +57,7 @@ def quantize_dynamic(
     unknown = [name for name in layers if name not in LAYERS]
     if unknown or not layers:
         raise ValueError(f"layers={list(layers)!r}: valid choices are any of {LAYERS}")
-    if isinstance(ignore_modules, str):
-        raise TypeError(f"ignore_modules must be a collection of name prefixes, got the string {ignore_modules!r}")
-    ignore = check_ignore_modules(model, ignore_modules or ())
+    ignore = check_ignore_modules(model, ignore_modules)
     types = tuple(t for name in layers for t in _TYPES[name])
     if isinstance(model, types):  # a bare layer: nothing to replace it in
         raise TypeError(f"quantize_dynamic takes a model containing layers, got a bare {type(model).__name__}")
@@ -89,27 +77,13 @@ def quantize_dynamic(
 
     def build(name: str, child: torch.nn.Module) -> torch.nn.Module:
         if isinstance(child, RNN_TYPES):
-            return DynamicInt8RNN(child)
-        if isinstance(child, torch.nn.Embedding):
-            return _int8_embedding(child, per_channel)
-        return _dynamic_linear(child, per_channel)
+            return DynamicInt8RNN.from_float(child)
+        if isinstance(child, torch.nn.Embedding):  # weight-only: a lookup gathers int8 rows and rescales just those
+            return Int8Embedding.from_float(child, Int8Config(activations="none", per_channel=per_channel))
+        return Int8Linear.from_float(child, Int8Config(activations="dynamic", per_channel=per_channel))
 
     replace_modules(model, select, build)
     if dtype != torch.float32:
         cast_float_rest(model, dtype)
     return model.eval()
 
-
-def cast_float_rest(model: torch.nn.Module, dtype: torch.dtype) -> None:
-    """Cast the float parameters and buffers to ``dtype``, except the quantized layers' scales (kept fp32: a bf16
-    scale would shift each output channel by up to 0.4 %)."""
-    for module in model.modules():
-        if isinstance(module, Int8Embedding):
-            module.out_dtype = dtype
-        keep = set(getattr(module, "storage_keys", ()))
-        for name, p in module.named_parameters(recurse=False):
-            if p.is_floating_point() and name not in keep:
-                p.data = p.data.to(dtype)
-        for name, b in module.named_buffers(recurse=False):
-            if b is not None and b.is_floating_point() and name not in keep:
-                module._buffers[name] = b.to(dtype)

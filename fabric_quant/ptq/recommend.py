@@ -15,8 +15,8 @@ import torch
 
 from fabric_quant.footprint import footprint
 from fabric_quant.kernels import can_compile, compile_model
+from fabric_quant.nn.rnn import RNN_TYPES
 from fabric_quant.ptq.dynamic import quantize_dynamic
-from fabric_quant.ptq.rnn import RNN_TYPES
 from fabric_quant.ptq.static import call_model, quantize_static
 from fabric_quant.report import markdown_table, measure_latencies
 

@@ -10,18 +10,18 @@ from typing import Literal
 
 import torch
 
+from fabric_quant.nn.int8 import ACTIVATIONS, Int8Config
 from fabric_quant.numerics.fold import bn_scale, fold_bn
 from fabric_quant.numerics.observers import OBSERVERS, make_observer
 from fabric_quant.numerics.quant import (
     VALID_BITS,
+    absmax_scale,
     fake_quant,
     fake_quant_per_token,
     fake_quant_weight,
     group_view,
     qrange,
 )
-
-ACTIVATIONS = ("dynamic", "static", "none")
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,10 @@ class QATConfig:
                 " from each batch, so there is no activation range to learn"
             )
 
+    def int8_config(self) -> Int8Config:
+        """What the converted (real int8 / int4) layer stores: the weight grid and the activation treatment."""
+        return Int8Config(self.weight_bits, self.group_size, self.per_channel, self.activations)
+
 
 class FakeQuantLayer:
     """State and helpers shared by the QAT layers (mixed into Linear / Conv / Embedding modules)."""
@@ -75,9 +79,7 @@ class FakeQuantLayer:
         self.act_observer = make_observer(config.observer) if config.activations == "static" else None
         if config.learnable_scales:
             rows = group_view(weight.detach(), config.group_size, config.per_channel)
-            self.weight_scale = torch.nn.Parameter(
-                rows.abs().amax(1).clamp(min=1e-8) / qrange(config.weight_bits, True)[1]
-            )
+            self.weight_scale = torch.nn.Parameter(absmax_scale(rows, config.weight_bits).to(weight.dtype))
             self.act_scale = torch.nn.Parameter(torch.tensor(0.0)) if self.act_observer is not None else None
 
     def _fq_weight(self, weight: torch.Tensor) -> torch.Tensor:

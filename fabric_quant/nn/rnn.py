@@ -10,13 +10,18 @@ from __future__ import annotations
 
 import torch
 
-from fabric_quant.layers.base import QuantizedLinear, Storage
+from fabric_quant.nn.base import QuantizedLinear, Storage
+from fabric_quant.numerics.quant import absmax_scale
 
 RNN_TYPES = (torch.nn.LSTM, torch.nn.GRU)
 
 
 class DynamicInt8RNN(QuantizedLinear, torch.nn.Module):
     fq_mode = "ptq-dynamic-int8"
+
+    @classmethod
+    def from_float(cls, rnn: torch.nn.LSTM | torch.nn.GRU) -> DynamicInt8RNN:
+        return cls(rnn)
 
     def __init__(self, rnn: torch.nn.LSTM | torch.nn.GRU) -> None:
         super().__init__()
@@ -31,7 +36,7 @@ class DynamicInt8RNN(QuantizedLinear, torch.nn.Module):
         for i, name in enumerate(self.names):
             tensor = getattr(rnn, name).detach().float()
             if name.startswith("weight"):
-                scale = tensor.abs().amax(1).clamp(min=1e-8) / 127
+                scale = absmax_scale(tensor, 8)
                 self.register_buffer(f"qweight{i}", torch.round(tensor / scale[:, None]).to(torch.int8))
                 self.register_buffer(f"weight_scale{i}", scale)
             else:

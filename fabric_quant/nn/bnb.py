@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from fabric_quant._bnb import import_bitsandbytes
-from fabric_quant.layers.base import QuantizedLinear, Storage
+from fabric_quant.nn.base import QuantizedLinear, Storage
 
 bnb = import_bitsandbytes()
 from bitsandbytes.functional import dequantize_4bit  # noqa: E402
