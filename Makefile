@@ -7,7 +7,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: demo test modes
+.PHONY: demo test bench
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,8 @@ test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
-# Not part of the quickstart: the every-mode comparison table on the same model.
-modes: $(VENV)/.installed
-	$(BIN)/python recipes/quantize_modes.py --config configs/modes/minilm.yaml
+# Not part of the quickstart: the every-mode table on MiniLM, eager only (a few minutes; the full configs/bench run
+# with compiled rows takes much longer).
+bench: $(VENV)/.installed
+	$(BIN)/python recipes/bench.py --config configs/bench/minilm.yaml --compile false --autotune false --repeats 20 \
+		--out_dir runs/bench-minilm-eager

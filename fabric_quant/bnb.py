@@ -105,10 +105,14 @@ def quantize_bnb(
     the device its weight is on), the float rest cast to ``dtype`` (and moved to ``device`` when given). Layers
     still on the meta device are quantized when their float checkpoint is loaded."""
     config = BnbConfig.create(mode, dtype, ignore_modules, quant_storage)
+    if device is not None:
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device={str(device)!r}: CUDA is not available here; valid choices: 'cpu' or None")
     replace_linear_layers(model, config)
     for _, layer in quantized_layers(model):
         if layer.weight.device.type != "meta":
-            layer.quantize_(device=None if device is None else torch.device(device))
+            layer.quantize_(device=device)
     return model if device is None else model.to(device)
 
 

@@ -35,20 +35,26 @@ def _check_image_size(image_size: int) -> None:
         raise ValueError(f"image_size={image_size!r} is not supported; choose one of {list(DIGITS_SIZES)}")
 
 
+def digits_images():
+    """sklearn's digits, all 1797 real 8x8 scans in file order: images ``(N, 1, 8, 8)`` in [0, 1] and labels."""
+    import torch
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    return torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16, torch.tensor(d.target)
+
+
 def digits_data(seed: int, image_size: int = 8):
     """sklearn's digits (1797 real 8x8 scans) as ``(train_x, train_y, test_x, test_y)`` with a seeded 80/20 split.
 
     ``image_size=32`` upsamples them (bilinear) to CIFAR's size, for a CNN whose time goes into convolution
     arithmetic rather than per-call overhead (at 8x8 a whole conv takes tens of microseconds)."""
     import torch
-    from sklearn.datasets import load_digits
 
     _check_image_size(image_size)
-    d = load_digits()
-    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16
+    x, y = digits_images()
     if image_size != 8:
         x = torch.nn.functional.interpolate(x, size=image_size, mode="bilinear", align_corners=False)
-    y = torch.tensor(d.target)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
     cut = int(0.8 * len(y))
     return x[perm[:cut]], y[perm[:cut]], x[perm[cut:]], y[perm[cut:]]

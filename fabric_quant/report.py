@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 import platform
 import statistics
@@ -82,11 +83,21 @@ def write_report(
         "markdown": atomic_write_bytes(out_dir / f"{name}.md", md.encode()),
         "csv": atomic_write_bytes(out_dir / f"{name}.csv", buf.getvalue().encode()),
     }
-    if plot is not None:
+    if plot is not None and check_plotting():
         png = out_dir / f"{name}.png"
         plot(png)
         paths["png"] = png
     return paths
+
+
+def check_plotting() -> bool:
+    """Whether the PNG plots can be drawn; without matplotlib says so (recipes call this before measuring, so a
+    missing plot library is known at once, not after minutes of work) and the reports skip the PNG."""
+    if importlib.util.find_spec("matplotlib") is not None:
+        return True
+    print("matplotlib is not installed: reports are written as Markdown and CSV, without the PNG plot"
+          " (pip install matplotlib, or fabric-quant[demo])")  # fmt: skip
+    return False
 
 
 def bar_panels(

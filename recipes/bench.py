@@ -37,7 +37,7 @@ from fabric_quant.finetune.loop import fit_classifier
 from fabric_quant.kernels import can_compile, check_autotune, compile_model, cpu_features, select_backend
 from fabric_quant.models import digits_cnn, digits_data, sentence_embeddings
 from fabric_quant.ptq import call_model
-from fabric_quant.report import bar_panels, machine_name, measure_latencies, write_report
+from fabric_quant.report import bar_panels, check_plotting, machine_name, measure_latencies, write_report
 
 BASELINES = ("fp32", "bf16")
 PTQ = ("ptq-dynamic-int8", "ptq-dynamic-int8-bf16", "ptq-static-int8")
@@ -249,6 +249,7 @@ def setup(
         raise ValueError(f"batch_sizes must be positive, got {batch_sizes}")
     if compile and not can_compile():
         raise RuntimeError("compile: true needs a C++ compiler (g++/clang++) for inductor; set compile: false")
+    check_plotting()  # before any measuring
     torch.set_num_threads(threads)
     if task == "minilm":
         the_task = MiniLMTask(model, seq_len, num_texts)
@@ -261,11 +262,12 @@ def setup(
         with torch.inference_mode():
             fidelity, out = the_task.score(net, reference)
         reference = out if reference is None else reference
-        size_mb, bits = math.nan, math.nan
+        size_mb, bits, qbits = math.nan, math.nan, math.nan
         if mode != TORCH_AO:
             fp = fq.footprint(net)
-            size_mb, bits = fp.total_bytes / 1e6, fp.bits_per_param
-        rows[mode] = {"mode": mode, "size_mb": size_mb, "bits_per_param": bits, "fidelity": fidelity}
+            size_mb, bits, qbits = fp.total_bytes / 1e6, fp.bits_per_param, fp.bits_per_quantized_param
+        rows[mode] = {"mode": mode, "size_mb": size_mb, "bits_per_param": bits, "bits_per_quantized_param": qbits,
+                      "fidelity": fidelity}  # fmt: skip
         models[mode] = net
         if compile and mode in COMPILED:
             models[f"{mode}+compile"] = compile_model(net, autotune=autotune)
@@ -291,7 +293,7 @@ def setup(
         for name in steps:
             rows[name][f"train_vs_fp32_b{b}"] = rows[name][f"train_b{b}_ms"] / rows["fp32"][f"train_b{b}_ms"]
 
-    columns = ["mode", "size_mb", "bits_per_param"]
+    columns = ["mode", "size_mb", "bits_per_param", "bits_per_quantized_param"]
     for b in batch_sizes:
         columns += [f"b{b}_ms", f"b{b}_iqr_ms", f"speedup_b{b}"]
     if task == "minilm":

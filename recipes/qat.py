@@ -31,7 +31,7 @@ from fabric_quant.kernels import check_autotune, compile_model
 from fabric_quant.models import digits_cnn, digits_data
 from fabric_quant.ptq import call_model
 from fabric_quant.qat import QATConfig, qat_config
-from fabric_quant.report import bar_panels, machine_name, measure_latencies, write_report
+from fabric_quant.report import bar_panels, check_plotting, machine_name, measure_latencies, write_report
 
 CONTROL = "fp32 +QAT epochs"
 COLUMNS = ("model", "accuracy", "checkpoint_mb", "size_ratio", "latency_b1_ms", "speedup_b1", "agreement_with_qat",
@@ -175,6 +175,7 @@ def setup(
     check_autotune(compile, autotune)
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}. Valid choices: {', '.join(TASKS)}")
+    check_plotting()  # before any measuring
     torch.set_num_threads(threads)
     fabric = Fabric(accelerator="cpu", devices=1)
     net, train_data, val_data, one = TASKS[task](

@@ -36,6 +36,15 @@ def setup_quantized(mode: str, net: torch.nn.Module | None = None, **kwargs):
     return fabric, fabric.setup_module(net if net is not None else make_net())
 
 
+@pytest.fixture(scope="session")
+def digits():
+    """sklearn's 1797 digit scans, ``(N, 8, 8)`` in [0, 1], and their labels (the package's loader)."""
+    from fabric_quant.models import digits_images
+
+    x, y = digits_images()
+    return x.squeeze(1), y
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 

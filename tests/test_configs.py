@@ -12,9 +12,8 @@ sys.path.insert(0, str(ROOT / "recipes"))
 import bench  # noqa: E402
 import qat  # noqa: E402
 import qlora  # noqa: E402
-import quantize_modes  # noqa: E402
 
-RECIPES = {"qlora": qlora.setup, "modes": quantize_modes.setup, "qat": qat.setup, "bench": bench.setup}
+RECIPES = {"qlora": qlora.setup, "qat": qat.setup, "bench": bench.setup}
 CONFIGS = sorted((ROOT / "configs").glob("*/*.yaml"))
 
 

@@ -49,10 +49,12 @@ def test_init_module_with_ignore_modules_explains_why():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_requested_without_a_gpu():
-    net = make_net()
     with pytest.raises(RuntimeError, match="CUDA"):
         Fabric(accelerator="cuda", devices=1, plugins=fq.BnbPrecision("nf4"))
-    assert type(net.fc1) is torch.nn.Linear
+    net = make_net()
+    with pytest.raises(RuntimeError, match=r"device='cuda': CUDA is not available here; valid choices: 'cpu'"):
+        fq.quantize_(net, "nf4", device="cuda")
+    assert type(net.fc1) is torch.nn.Linear  # refused before any layer was replaced
 
 
 def test_shape_mismatch_on_load_is_reported():

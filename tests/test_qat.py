@@ -139,12 +139,8 @@ def tiny_cnn():
     )  # fmt: skip
 
 
-def test_plugin_fuses_and_swaps_and_trains_on_digits():
-    from sklearn.datasets import load_digits
-
-    digits = load_digits()
-    x = torch.tensor(digits.images[:256], dtype=torch.float32).unsqueeze(1) / 16
-    y = torch.tensor(digits.target[:256])
+def test_plugin_fuses_and_swaps_and_trains_on_digits(digits):
+    x, y = digits[0][:256].unsqueeze(1), digits[1][:256]
     plugin = fq.precision_plugin("qat-int8-static", start_step=2, freeze_observer_step=20, freeze_bn_step=15)
     fabric = Fabric(accelerator="cpu", devices=1, plugins=plugin)
     model = fabric.setup_module(tiny_cnn())
@@ -236,14 +232,12 @@ from lightning.fabric import Fabric
 import fabric_quant as fq
 sys.path.insert(0, {tests!r})
 from test_qat import tiny_cnn
-from sklearn.datasets import load_digits
+from fabric_quant.models import digits_images
 
 plugin = fq.precision_plugin("qat-int8-static", freeze_bn_step=6, freeze_observer_step=8)
 fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp", plugins=plugin)
 fabric.launch()
-d = load_digits()
-x = torch.tensor(d.images[:256], dtype=torch.float32).unsqueeze(1) / 16
-y = torch.tensor(d.target[:256])
+x, y = (t[:256] for t in digits_images())
 shard = slice(fabric.global_rank, None, fabric.world_size)
 model = fabric.setup_module(tiny_cnn())
 opt = fabric.setup_optimizers(torch.optim.Adam(model.parameters(), lr=1e-2))
@@ -261,6 +255,7 @@ if fabric.global_rank == 0:
 """
 
 
+@pytest.mark.slow
 def test_qat_plugin_under_ddp_with_two_cpu_processes(tmp_path):
     import json
     import os

@@ -9,15 +9,14 @@ from safetensors.torch import save_file
 from test_qat import tiny_cnn
 
 import fabric_quant as fq
+from fabric_quant.models import digits_images
 from fabric_quant.nn import Int8Conv, Int8Linear, pack_int4, unpack_int4
 from fabric_quant.qat import QATConfig, QATLinear, convert_layer
 
 
 def digits(n=512):
-    from sklearn.datasets import load_digits
-
-    d = load_digits()
-    return torch.tensor(d.images[:n], dtype=torch.float32).unsqueeze(1) / 16, torch.tensor(d.target[:n])
+    x, y = digits_images()
+    return x[:n], y[:n]
 
 
 def trained_qat_cnn(mode="qat-int8-static", steps=40):

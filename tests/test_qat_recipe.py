@@ -9,6 +9,7 @@ sys.path.insert(0, str(ROOT / "recipes"))
 import qat  # noqa: E402
 
 
+@pytest.mark.slow
 def test_digits_recipe_end_to_end(tmp_path):
     rows = qat.setup(task="digits-cnn", float_epochs=2, qat_epochs=1, repeats=2, out_dir=tmp_path)
     by = {r["model"]: r for r in rows}
@@ -28,6 +29,7 @@ def test_digits_recipe_end_to_end(tmp_path):
         assert (tmp_path / f"qat_results.{suffix}").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_pydoc_minilm_recipe_on_a_tiny_bert(tiny_bert_with_tokenizer, tmp_path):
     rows = qat.setup(task="pydoc-minilm", mode="qat-int8", model_path=tiny_bert_with_tokenizer, float_epochs=1,
                      qat_epochs=1, batch_size=32, max_seq_length=32, repeats=2, out_dir=tmp_path)  # fmt: skip

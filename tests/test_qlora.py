@@ -1,6 +1,7 @@
 """The QLoRA recipe end to end on tiny models built from transformers configs (CPU)."""
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -81,11 +82,11 @@ def adapter_model(model_dir, out_dir, task, labels, mode="nf4-dq"):
 
     base = load_float_model(model_dir, task, labels)
     heads = ["classifier"] if task == "sequence-classification" else ["lm_head"]
-    fq.BnbPrecision(mode, dtype=torch.float32, ignore_modules=heads).convert_module(base)
-    base.to("cpu")
+    fq.quantize_(base, mode, dtype=torch.float32, ignore_modules=heads)
     return PeftModel.from_pretrained(base, out_dir / "final" / "adapter").eval()
 
 
+@pytest.mark.slow
 def test_classification_end_to_end(tiny_bert_with_tokenizer, cls_data, tmp_path):
     from transformers import AutoModelForSequenceClassification
 
@@ -95,7 +96,7 @@ def test_classification_end_to_end(tiny_bert_with_tokenizer, cls_data, tmp_path)
     assert 0 <= metrics["final_eval"]["accuracy"] <= 1 and metrics["final_train_loss"] > 0
     assert metrics["peak_memory_mb"] > 0 and metrics["throughput_examples_per_s"] > 0
     saved = json.loads((out / "metrics.json").read_text())
-    assert saved["final_eval"] == metrics["final_eval"] and saved["initial_eval"]["accuracy"] >= 0
+    assert saved["final_eval"] == metrics["final_eval"] and saved["initial_eval"] == metrics["initial_eval"]
     assert (out / "config.yaml").read_text().startswith("model:")
     assert (out / "logs" / "csv" / "metrics.csv").read_text().count("\n") > 3
     assert (out / "checkpoints" / "step-000003" / "adapter" / "adapter_config.json").is_file()
@@ -110,10 +111,12 @@ def test_classification_end_to_end(tiny_bert_with_tokenizer, cls_data, tmp_path)
     with torch.no_grad():
         expected = reloaded(input_ids=ids).logits
         assert torch.allclose(merged(input_ids=ids).logits, expected, atol=1e-4)
-        # and the adapter did change the model: the untrained base + fresh head differs
-        assert not torch.allclose(merged(input_ids=ids).logits, expected + 1e-2, atol=1e-3)
+    # and training did change the model: LoRA's B matrices start at zero, so a trained adapter has some non-zero
+    lora_b = [v for k, v in load_file(out / "final" / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k]
+    assert lora_b and any(t.abs().max() > 0 for t in lora_b)
 
 
+@pytest.mark.slow
 def test_causal_lm_instruction_end_to_end(tiny_llama_dir, instruction_data, tmp_path):
     from transformers import AutoModelForCausalLM
 
@@ -154,6 +157,7 @@ def _cli_args(model_dir, data, out, *extra):
             "--eval.interval", "null", "--eval.initial", "false", "--merge", "false", *extra]  # fmt: skip
 
 
+@pytest.mark.slow
 def test_sigkill_and_resume_ends_like_an_uninterrupted_run(tiny_bert_with_tokenizer, cls_data, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in every run: bitwise-stable CPU kernels
     full = tmp_path / "full"
@@ -182,6 +186,7 @@ def test_sigkill_and_resume_ends_like_an_uninterrupted_run(tiny_bert_with_tokeni
         assert torch.allclose(wa[key], wb[key], atol=1e-6), key
 
 
+@pytest.mark.slow
 def test_ddp_two_cpu_processes_with_4bit_base(tiny_bert_with_tokenizer, cls_data, tmp_path):
     out = tmp_path / "ddp"
     args = _cli_args(tiny_bert_with_tokenizer, cls_data, out, "--devices", "2", "--strategy", "ddp",
@@ -190,7 +195,8 @@ def test_ddp_two_cpu_processes_with_4bit_base(tiny_bert_with_tokenizer, cls_data
     output = proc.communicate(timeout=300)[0].decode()
     assert proc.returncode == 0, output[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 4 and metrics["final_eval"]["accuracy"] >= 0
+    assert metrics["steps"] == 4 and 0 <= metrics["final_eval"]["accuracy"] <= 1
+    assert metrics["final_train_loss"] > 0 and math.isfinite(metrics["final_train_loss"])
     assert (out / "final" / "merged" / "model.safetensors").is_file()
     state = torch.load(out / "checkpoints" / "step-000004" / "training_state.pt", weights_only=True)
     assert state["rng"].shape[0] == 2  # both ranks' RNG saved for an exact resume
@@ -246,6 +252,7 @@ def test_bnb_8bit_adamw_trains_on_cpu(tiny_bert_with_tokenizer, cls_data, tmp_pa
     assert metrics["steps"] == 3 and metrics["final_train_loss"] == metrics["final_train_loss"]  # not NaN
 
 
+@pytest.mark.slow
 def test_cli_help_and_print_config():
     config = ROOT / "configs" / "qlora" / "minilm-pydoc-nf4dq.yaml"
     for args in (["--help"], ["--config", str(config), "--train.max_steps", "7", "--print_config"]):

@@ -82,22 +82,3 @@ class EvalArgs:
     initial: bool = True
     """Evaluate before training (the untrained-adapter baseline in metrics.json)."""
 
-
-@dataclass
-class RunArgs:
-    accelerator: str = "auto"
-    """Fabric accelerator: cpu, cuda, auto."""
-    devices: int = 1
-    """Processes/devices."""
-    strategy: str = "auto"
-    """Fabric strategy: auto, ddp, ..."""
-    precision: Literal["bf16-true", "32-true", "16-true"] = "bf16-true"
-    """Compute dtype of everything not quantized (and of the 16-bit LoRA baseline when quantize is null)."""
-
-
-@dataclass
-class OutputArgs:
-    merged_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """dtype of the merged model (LoRA merged into the dequantized base)."""
-    merge: bool = True
-    """Write the merged model at the end."""

@@ -1,0 +1,180 @@
+"""The Lightning-free entry point (`quantize_`, `convert`) against the plugins, the Trainer, and the layering."""
+
+import ast
+import copy
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import BNB_MODES, make_net, setup_quantized
+from lightning.fabric import Fabric
+
+import fabric_quant as fq
+from fabric_quant.nn import Int8Linear, QuantizedLinear
+from fabric_quant.qat.layers import FakeQuantLayer
+
+PACKAGE = Path(fq.__file__).parent
+
+
+def _imports(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+    return names
+
+
+def test_library_never_imports_the_plugin_layer():
+    offenders = {}
+    for path in PACKAGE.rglob("*.py"):
+        if path.parent.name == "plugins":
+            continue
+        bad = {
+            name for name in _imports(path)
+            if name.startswith(("fabric_quant.plugins", "lightning.fabric.plugins", "lightning.pytorch.plugins"))
+        }  # fmt: skip
+        if bad:
+            offenders[str(path.relative_to(PACKAGE))] = sorted(bad)
+    assert offenders == {}
+    # and importing the package (which registers every mode) loads no plugin module
+    code = "import sys, fabric_quant as fq; fq.available_modes(); print([m for m in sys.modules if 'plugins' in m])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "fabric_quant.plugins" not in out
+
+
+def _bytes(model: torch.nn.Module) -> dict[str, bytes]:
+    """Every tensor of the state dict as raw bytes (packed data viewed as float may hold NaN patterns)."""
+    return {k: v.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
+            for k, v in model.state_dict().items()}  # fmt: skip
+
+
+@pytest.mark.parametrize("mode", BNB_MODES)
+def test_quantize_bnb_equals_the_fabric_plugin(mode):
+    x = torch.randn(4, 512)
+    lib = fq.quantize_(make_net(), mode, dtype=torch.float32)
+    _, wrapped = setup_quantized(mode, make_net())
+    assert isinstance(lib.fc1, QuantizedLinear) and lib.fc1.is_quantized()
+    assert _bytes(lib) == _bytes(wrapped.module)
+    with torch.no_grad():
+        assert torch.equal(lib(x), wrapped(x))
+
+
+def test_quantize_bnb_on_an_explicit_device_and_with_ignore_modules():
+    net = fq.quantize_(make_net(), "nf4-dq", dtype="bf16", ignore_modules={"fc2"}, device="cpu")
+    assert net.fc1.weight.dtype == torch.uint8 and type(net.fc2) is torch.nn.Linear
+    assert net.fc2.weight.dtype == torch.bfloat16 and net.norm.weight.dtype == torch.bfloat16
+
+
+def test_quantize_qat_equals_the_plugin_and_converts():
+    torch.manual_seed(1)
+    x = torch.randn(8, 512)
+    lib = fq.quantize_(make_net(), "qat-int8")
+    plugin = fq.precision_plugin("qat-int8")
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=plugin)
+    wrapped = fabric.setup_module(make_net())
+    assert isinstance(lib.fc1, FakeQuantLayer)
+    with torch.no_grad():
+        assert torch.equal(lib(x), wrapped(x))
+    fq.apply_schedule(lib, 0, fq.qat.QATSchedule(start_step=5))
+    assert not lib.fc1.fake_quant_enabled
+    fq.apply_schedule(lib, 5, fq.qat.QATSchedule(start_step=5))
+    real, via_plugin = fq.convert(lib), plugin.convert(wrapped.module)
+    assert isinstance(real.fc1, Int8Linear) and real.fc1.qweight.dtype == torch.int8
+    assert _bytes(real) == _bytes(via_plugin)
+
+
+@pytest.mark.parametrize("mode", ["ptq-dynamic-int8", "ptq-dynamic-int8-bf16", "ptq-static-int8"])
+def test_quantize_ptq_equals_the_plugin(mode):
+    torch.manual_seed(2)
+    x = torch.randn(8, 512)
+    options = {"calibration_data": list(torch.randn(64, 512).split(16))} if "static" in mode else {}
+    lib = fq.quantize_(make_net(), mode, progress=False, **options)
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=fq.precision_plugin(mode, **options))
+    wrapped = fabric.setup_module(make_net())
+    assert isinstance(lib.fc1, Int8Linear) and lib.fc1.qweight.dtype == torch.int8
+    assert _bytes(lib) == _bytes(wrapped.module)
+    with torch.no_grad():
+        assert torch.equal(lib(x.to(lib.norm.weight.dtype)).float(), wrapped(x))
+
+
+def test_ptq_options_are_checked_by_quantize_():
+    with pytest.raises(ValueError, match="'ptq-static-int8' needs calibration_data"):
+        fq.quantize_(make_net(), "ptq-static-int8")
+    with pytest.raises(ValueError, match=r"observer='best' is not supported. Valid choices"):
+        fq.quantize_(make_net(), "ptq-dynamic-int8", observer="best")
+
+
+class TinyModule(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = make_net()
+        self.data = torch.randn(32, 512), torch.randint(0, 64, (32,))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.AdamW([p for p in self.parameters() if p.requires_grad], lr=1e-2)
+
+    def train_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*self.data), batch_size=8)
+
+
+def _fit(plugin, steps: int = 3) -> TinyModule:
+    module = TinyModule()
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_steps=steps, plugins=plugin, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False,
+    )  # fmt: skip
+    trainer.fit(module)
+    assert trainer.global_step == steps
+    return module
+
+
+def test_trainer_fits_with_an_nf4_dq_base():
+    module = TinyModule()
+    before = module.net.norm.weight.detach().clone()
+    plugin = fq.precision_plugin("nf4-dq", dtype=torch.float32)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, plugins=plugin, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module)
+    assert trainer.global_step == 3
+    fc1 = module.net.fc1
+    assert isinstance(fc1, QuantizedLinear) and fc1.weight.dtype == torch.uint8 and fc1.weight.quant_state.nested
+    assert not torch.equal(module.net.norm.weight, before)  # the float LayerNorm trained
+
+
+def test_trainer_runs_the_qat_schedule_and_converts():
+    plugin = fq.precision_plugin("qat-int8", start_step=2)
+    module = _fit(plugin, steps=3)
+    assert isinstance(module.net.fc1, FakeQuantLayer) and module.net.fc1.fake_quant_enabled
+    assert plugin.state_dict() == {"qat_steps": 3}
+    late = fq.precision_plugin("qat-int8", start_step=10)
+    assert not _fit(late, steps=3).net.fc1.fake_quant_enabled  # the schedule has not reached its start
+    real = fq.convert(module.net)
+    assert isinstance(real.fc1, Int8Linear) and real.fc1.qweight.dtype == torch.int8
+
+
+def test_trainer_fits_a_float_head_on_a_ptq_int8_body():
+    module = TinyModule()
+    head = module.net.fc2.weight.detach().clone()
+    plugin = fq.precision_plugin("ptq-dynamic-int8", ignore_modules={"net.fc2"})
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=3, plugins=plugin, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module)
+    assert isinstance(module.net.fc1, Int8Linear) and module.net.fc1.qweight.dtype == torch.int8
+    assert not torch.equal(module.net.fc2.weight, head)
+
+
+def test_one_plugin_object_keeps_fabric_semantics_until_the_trainer_connects_it():
+    plugin = fq.precision_plugin("nf4", dtype=torch.float32)
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=plugin)
+    model = fabric.setup_module(copy.deepcopy(make_net()))
+    model(torch.randn(2, 512)).sum().backward()  # Fabric's own hooks: plain backward() is allowed
+    assert model.module.norm.weight.grad is not None
