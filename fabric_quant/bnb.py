@@ -13,7 +13,14 @@ from typing import Any
 import torch
 
 from fabric_quant.dtypes import default_compute_dtype, parse_dtype
-from fabric_quant.modules import cast_float_rest, check_ignore_modules, ignore_set, is_ignored, replace_modules
+from fabric_quant.modules import (
+    cast_float_rest,
+    check_ignore_modules,
+    ignore_set,
+    is_ignored,
+    refuse_requantization,
+    replace_modules,
+)
 from fabric_quant.nn.base import quantized_layers
 from fabric_quant.registry import mode_spec, register_mode
 
@@ -66,8 +73,9 @@ def replace_linear_layers(model: torch.nn.Module, config: BnbConfig) -> torch.nn
     float rest to the compute dtype. Each new layer adopts the float weight as it is; it is quantized when the
     module moves to a device (``.to()``: on CUDA, on the GPU layer by layer), at its first forward, or by
     :func:`quantize_bnb`. A model that already has quantized layers is not converted again (QLoRA: quantize, wrap
-    with peft, then ``fabric.setup_module`` must not quantize the adapters' own Linear layers)."""
-    if next(quantized_layers(model), None) is None:
+    with peft, then ``fabric.setup_module`` must not quantize the adapters' own Linear layers); one quantized in
+    another mode is an error."""
+    if not refuse_requantization(model, config.mode, allowed={config.mode}):
         if not any(isinstance(m, torch.nn.Linear) for m in model.modules()):
             name = type(model).__name__
             raise TypeError(f"mode {config.mode!r} quantizes torch.nn.Linear layers, but {name} has none")

@@ -7,15 +7,28 @@ from collections.abc import Callable, Iterable
 import torch
 
 
+def check_flags(**flags: object) -> None:
+    """Boolean options must be booleans: a CLI's 'false' is a truthy string, so it is refused, not guessed."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"{name}={value!r} must be True or False")
+
+
 def ignore_set(ignore_modules: Iterable[str] | None) -> frozenset[str]:
-    """``ignore_modules`` as a set of name prefixes; a bare string (a common slip for ``{"lm_head"}``) is refused."""
+    """``ignore_modules`` as a set of module names or dotted prefixes (``"encoder.layer.0"``); a bare string (a
+    common slip for ``{"lm_head"}``) and an empty name (it would match nothing, or everything) are refused."""
     if isinstance(ignore_modules, str):
         raise TypeError(f"ignore_modules must be a collection of name prefixes, got the string {ignore_modules!r}")
-    return frozenset(ignore_modules or ())
+    ignore = frozenset(ignore_modules or ())
+    bad = sorted(repr(p) for p in ignore if not isinstance(p, str) or not p.strip())
+    if bad:
+        raise ValueError(f"ignore_modules entries must be module names such as 'lm_head' or 'encoder.0', got {bad}")
+    return ignore
 
 
 def check_ignore_modules(module: torch.nn.Module, ignore_modules: Iterable[str] | None) -> frozenset[str]:
-    """Validate ``ignore_modules`` prefixes against the module's names; a prefix matching nothing is an error."""
+    """Validate ``ignore_modules`` against the module's names: each entry matches a module's whole dotted name or a
+    dotted prefix of it (``"encoder"`` covers ``encoder.layer.0.dense``); an entry matching nothing is an error."""
     ignore = ignore_set(ignore_modules)
     names = [name for name, _ in module.named_modules() if name]
     unmatched = sorted(p for p in ignore if not any(_matches(name, p) for name in names))
@@ -29,7 +42,8 @@ def check_ignore_modules(module: torch.nn.Module, ignore_modules: Iterable[str] 
 
 
 def _matches(name: str, prefix: str) -> bool:
-    return name.startswith(prefix)
+    # on a dotted-name boundary: "1" keeps layer 1 of a Sequential in float, not layers 10 and 11 too
+    return name == prefix or name.startswith(prefix + ".")
 
 
 def is_ignored(name: str, ignore_modules: Iterable[str]) -> bool:
@@ -64,3 +78,25 @@ def cast_float_rest(model: torch.nn.Module, dtype: torch.dtype) -> None:
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype and name not in keep:
                 tensor.data = tensor.data.to(dtype)
+
+
+def quantized_modes(model: torch.nn.Module) -> set[str]:
+    """The ``fq_mode`` of every quantized layer in ``model`` (empty for a float model)."""
+    from fabric_quant.nn.base import quantized_layers
+
+    return {layer.fq_mode for _, layer in quantized_layers(model)}
+
+
+def refuse_requantization(model: torch.nn.Module, mode: str, allowed: Iterable[str] = ()) -> bool:
+    """True when ``model`` already holds layers of ``allowed`` modes only (the caller then leaves it as it is, e.g.
+    QLoRA's quantize-then-wrap-then-setup); a model quantized in any other mode is an error: quantizing quantized
+    weights again would compound the error or silently keep the old mode."""
+    found = quantized_modes(model)
+    if not found:
+        return False
+    if found <= set(allowed):
+        return True
+    raise ValueError(
+        f"{type(model).__name__} is already quantized ({', '.join(sorted(found))}); mode {mode!r} cannot quantize"
+        " it again. Start from the float model (or its dequantized weights: fabric_quant.dequantized_state_dict)."
+    )

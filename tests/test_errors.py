@@ -64,3 +64,37 @@ def test_shape_mismatch_on_load_is_reported():
     bad["fc1.weight"] = torch.zeros(3, 3)
     with pytest.raises(RuntimeError, match=r"size mismatch for fc1.weight.*\(3, 3\).*\(512, 512\)"):
         model.load_state_dict(bad)
+
+
+@pytest.mark.parametrize("first, second", [("nf4", "int8"), ("nf4-dq", "ptq-dynamic-int8"), ("int8", "qat-int8")])
+def test_requantizing_in_another_mode_is_refused(first, second):
+    net = fq.quantize_(make_net(), first, dtype=torch.float32)
+    with pytest.raises(ValueError, match=rf"Net is already quantized \({first}\); mode '{second}' cannot quantize"):
+        fq.quantize_(net, second)
+    assert net.fc1.fq_mode == first  # untouched
+    with pytest.raises(ValueError, match=rf"already quantized \({first}\); mode '{second}'"):
+        Fabric(accelerator="cpu", devices=1, plugins=fq.precision_plugin(second)).setup_module(net)
+
+
+def test_same_mode_again_is_a_no_op():
+    net = fq.quantize_(make_net(), "nf4", dtype=torch.float32)
+    codes = net.fc1.weight.data.clone()
+    assert fq.quantize_(net, "nf4", dtype=torch.float32) is net
+    assert torch.equal(net.fc1.weight.data, codes)
+
+
+def test_ignore_modules_match_whole_dotted_names():
+    seq = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(12)])
+    fq.quantize_(seq, "nf4", dtype=torch.float32, ignore_modules={"1"})
+    kept = [i for i, layer in enumerate(seq) if type(layer) is torch.nn.Linear]
+    assert kept == [1]  # not 10 and 11 too
+
+
+@pytest.mark.parametrize("bad", ["", " "])
+def test_empty_ignore_modules_entry_is_refused(bad):
+    net = make_net()
+    with pytest.raises(ValueError, match=r"ignore_modules entries must be module names such as 'lm_head'"):
+        fq.quantize_(net, "nf4", ignore_modules={bad})
+    with pytest.raises(ValueError, match=r"ignore_modules entries must be module names"):
+        fq.BnbPrecision("nf4", ignore_modules={bad})
+    assert type(net.fc1) is torch.nn.Linear

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from fabric_quant.modules import ignore_set
+from fabric_quant.modules import check_flags, ignore_set
 from fabric_quant.plugins.base import LightningPrecision
 from fabric_quant.qat import QATSchedule, apply_schedule, convert, prepare_qat, qat_config
 
@@ -41,9 +41,7 @@ class QATPrecision(LightningPrecision):
         self.config = qat_config(mode, **overrides)
         self.mode, self.overrides = mode, overrides
         self.ignore_modules, self.embeddings, self.fuse = ignore_set(ignore_modules), embeddings, fuse
-        for name, value in (("embeddings", embeddings), ("fuse", fuse)):
-            if not isinstance(value, bool):
-                raise TypeError(f"{name}={value!r} must be True or False")
+        check_flags(embeddings=embeddings, fuse=fuse)
         self.schedule = QATSchedule(start_step, freeze_observer_step, freeze_bn_step)
         self._module: torch.nn.Module | None = None
         self._trainer_steps = 0

@@ -9,13 +9,14 @@ import torch
 
 from fabric_quant.dtypes import parse_dtype
 from fabric_quant.kernels import select_backend
-from fabric_quant.nn.base import QuantizedLinear
+from fabric_quant.modules import refuse_requantization
 from fabric_quant.ptq.dynamic import quantize_dynamic
 from fabric_quant.ptq.static import quantize_static
 from fabric_quant.qat.layers import QATConfig
 from fabric_quant.registry import mode_spec, register_mode
 
 FAMILY = "ptq"
+_INT8_MODES = ("int8-converted", "int4-converted", "ptq-dynamic-int8")  # the fq_mode of fabric_quant.nn's int8 layers
 
 
 def ptq_options(
@@ -47,8 +48,8 @@ def quantize_ptq(model: torch.nn.Module, mode: str = "ptq-dynamic-int8", **optio
     ``progress`` (static: a progress bar over the calibration batches). A model already quantized is returned."""
     progress = options.pop("progress", True)
     opts = ptq_options(mode, **options)
-    if any(isinstance(m, QuantizedLinear) for m in model.modules()):
-        return model
+    if refuse_requantization(model, mode, allowed=_INT8_MODES):
+        return model  # already int8 (a PTQ or converted QAT model): nothing to do
     if mode_spec(mode).options["static"]:
         return quantize_static(
             model, opts["calibration_data"], observer=opts["observer"], per_channel=opts["per_channel"],

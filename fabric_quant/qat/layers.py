@@ -10,6 +10,7 @@ from typing import Literal
 
 import torch
 
+from fabric_quant.modules import check_flags
 from fabric_quant.nn.int8 import ACTIVATIONS, Int8Config
 from fabric_quant.numerics.fold import bn_scale, fold_bn
 from fabric_quant.numerics.observers import OBSERVERS, make_observer
@@ -41,9 +42,7 @@ class QATConfig:
     """LSQ: learn the weight scales and the static activation scale by gradient descent."""
 
     def __post_init__(self) -> None:
-        for name in ("per_channel", "learnable_scales"):  # a CLI's 'false' is a truthy string: refuse, not guess
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name}={getattr(self, name)!r} must be True or False")
+        check_flags(per_channel=self.per_channel, learnable_scales=self.learnable_scales)
         if self.group_size is not None and (isinstance(self.group_size, bool) or not isinstance(self.group_size, int)):
             raise TypeError(f"group_size={self.group_size!r} must be a positive integer or None")
         if self.weight_bits not in VALID_BITS:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import torch
 
-from fabric_quant.modules import check_ignore_modules, is_ignored, replace_modules
+from fabric_quant.modules import check_flags, check_ignore_modules, is_ignored, refuse_requantization, replace_modules
 from fabric_quant.numerics.quant import group_view
 from fabric_quant.qat.layers import (
     FakeQuantLayer,
@@ -50,9 +50,8 @@ def prepare_qat(
     Every target is validated before anything changes; a model that is already prepared is returned as it is.
     """
     config = qat_config(mode, **overrides)
-    for name, value in (("embeddings", embeddings), ("fuse", fuse)):
-        if not isinstance(value, bool):
-            raise TypeError(f"{name}={value!r} must be True or False")
+    check_flags(embeddings=embeddings, fuse=fuse)
+    refuse_requantization(model, mode)  # real quantized layers cannot be fake-quantized again
     if any(isinstance(m, FakeQuantLayer) for m in model.modules()):
         return model
     swaps = {**_SWAPS, torch.nn.Embedding: QATEmbedding} if embeddings else _SWAPS
