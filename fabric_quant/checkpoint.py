@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import os
@@ -18,6 +19,14 @@ from safetensors.torch import load_file, save
 from fabric_quant.nn.base import quantized_layers
 
 FORMAT = "fabric_quant/1"
+CHECKSUMS = "fq_sha256"  # safetensors metadata key: {tensor name: sha256 of its bytes}
+MANIFEST = "checksums.json"  # a folder's {file: sha256 of its bytes}
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
@@ -31,6 +40,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; outputs honour the user's umask like open() does
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -43,6 +53,8 @@ def save_dir_atomically(target: Path, write) -> Path:
     visible under ``target``; a previous folder of that name is replaced only once the new one is complete."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
+    for stale in target.parent.glob(f".{target.name}.*.tmp"):  # left by a write that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
     try:
         write(tmp)
@@ -70,6 +82,67 @@ def _tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return out
 
 
+def tensor_sha256(tensor: torch.Tensor) -> str:
+    data = tensor.detach().reshape(-1).contiguous().view(torch.uint8).cpu().numpy()
+    return hashlib.sha256(memoryview(data)).hexdigest()
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Path:
+    """A safetensors file written atomically, with the sha256 of every tensor in its metadata."""
+    tensors = _tensors(tensors)
+    meta = {**(metadata or {}), CHECKSUMS: json.dumps({k: tensor_sha256(v) for k, v in tensors.items()})}
+    return atomic_write_bytes(path, save(tensors, metadata=meta))
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    with safe_open(str(path), framework="pt") as f:
+        return f.metadata() or {}
+
+
+def load_tensors(path: str | Path, device: str | torch.device = "cpu", require_checksums: bool = True):
+    """The tensors of a file written by :func:`save_tensors`, each verified against its checksum; a mismatch
+    names the file and the tensor. ``require_checksums=False`` also takes files without checksums."""
+    sums = read_metadata(path).get(CHECKSUMS)
+    if sums is None and require_checksums:
+        raise ValueError(f"{path} carries no tensor checksums ({CHECKSUMS}): not written by fabric_quant")
+    tensors = load_file(str(path))
+    if sums is not None:
+        expected = json.loads(sums)
+        if set(expected) != set(tensors):
+            raise ValueError(f"{path}: the tensors do not match the checksum list (file corrupt or edited)")
+        for key, value in tensors.items():
+            if tensor_sha256(value) != expected[key]:
+                raise ValueError(f"{path}: tensor {key!r} does not match its checksum: the file is corrupt")
+    return {k: v.to(device) for k, v in tensors.items()}
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """Record the sha256 of every file below ``folder`` (payload checksums: pickled optimizer states, adapters
+    written by peft) in ``folder/checksums.json``."""
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    sums = {str(p.relative_to(folder)): file_sha256(p) for p in files}
+    (folder / MANIFEST).write_text(json.dumps(sums, indent=1))
+
+
+def verify_manifest(folder: Path) -> None:
+    """Check every file listed in ``folder/checksums.json``; a missing or changed file is an error naming it."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        raise ValueError(f"{folder} has no {MANIFEST}: not a complete fabric_quant checkpoint")
+    for name, digest in json.loads(manifest.read_text()).items():
+        path = folder / name
+        if not path.is_file() or file_sha256(path) != digest:
+            raise ValueError(f"{path} is missing or does not match its checksum: the checkpoint is corrupt")
+
+
 def _layer_modes(model: torch.nn.Module) -> dict[str, str]:
     return {name: layer.fq_mode for name, layer in quantized_layers(model)}
 
@@ -78,14 +151,13 @@ def save_quantized(model: torch.nn.Module, path: str | Path, metadata: dict[str,
     """Save the quantized model's state (packed weights and quantization statistics) to a safetensors file."""
     model = _unwrap_objects(model)
     meta = {"format": FORMAT, "layer_modes": json.dumps(_layer_modes(model)), **(metadata or {})}
-    return atomic_write_bytes(path, save(_tensors(model.state_dict()), metadata=meta))
+    return save_tensors(path, model.state_dict(), meta)
 
 
 def load_quantized(model: torch.nn.Module, path: str | Path, strict: bool = True) -> torch.nn.Module:
     """Load a file written by :func:`save_quantized` into a model quantized with the same modes."""
     model = _unwrap_objects(model)
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a fabric_quant quantized checkpoint (format={meta.get('format')!r})")
     saved, mine = json.loads(meta["layer_modes"]), _layer_modes(model)
@@ -95,7 +167,7 @@ def load_quantized(model: torch.nn.Module, path: str | Path, strict: bool = True
         raise ValueError(f"{path} was saved from other quantization modes; (checkpoint, model) per layer: {shown}")
     tensors = itertools.chain(model.parameters(), model.buffers())
     device = next((t.device for t in tensors if t.device.type != "meta"), torch.device("cpu"))
-    model.load_state_dict(load_file(str(path), device=str(device)), strict=strict)
+    model.load_state_dict(load_tensors(path, device), strict=strict)
     return model
 
 
@@ -124,4 +196,4 @@ def dequantized_state_dict(model: torch.nn.Module, dtype: torch.dtype = torch.fl
 
 def save_dequantized(model: torch.nn.Module, path: str | Path, dtype: torch.dtype = torch.float32) -> Path:
     """Save :func:`dequantized_state_dict` as safetensors, loadable by the original float model."""
-    return atomic_write_bytes(path, save(_tensors(dequantized_state_dict(model, dtype)), metadata={"format": "pt"}))
+    return save_tensors(path, dequantized_state_dict(model, dtype), {"format": "pt"})

@@ -14,6 +14,17 @@ def check_flags(**flags: object) -> None:
             raise TypeError(f"{name}={value!r} must be True or False")
 
 
+def check_finite(model: torch.nn.Module, names: Iterable[str]) -> None:
+    """Refuse to quantize a layer whose weight holds NaN or inf: one such value spoils its whole block (NF4/FP4:
+    64 weights; nf4-dq: the whole layer through the shared double-quantized scales) or row (int8)."""
+    for name in names:
+        weight = getattr(model.get_submodule(name), "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.device.type != "meta" and weight.is_floating_point():
+            bad = int((~torch.isfinite(weight)).sum())
+            if bad:
+                raise ValueError(f"{name}.weight holds {bad} non-finite values (NaN/inf): refusing to quantize it")
+
+
 def ignore_set(ignore_modules: Iterable[str] | None) -> frozenset[str]:
     """``ignore_modules`` as a set of module names or dotted prefixes (``"encoder.layer.0"``); a bare string (a
     common slip for ``{"lm_head"}``) and an empty name (it would match nothing, or everything) are refused."""
@@ -57,9 +68,11 @@ def replace_modules(
 ) -> list[str]:
     """Replace every submodule ``select`` picks by ``build(name, child)``; returns the replaced names.
 
-    Selection runs over the whole tree first, so a failure in ``select`` leaves the module untouched.
+    Selection runs over the whole tree first, and every target's weight must be finite, so a failure leaves the
+    module untouched.
     """
     targets = [(name, child) for name, child in module.named_modules() if name and select(name, child)]
+    check_finite(module, [name for name, _ in targets])
     for name, child in targets:
         parent_name, _, attr = name.rpartition(".")
         parent = module.get_submodule(parent_name) if parent_name else module

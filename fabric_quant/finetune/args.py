@@ -2,11 +2,27 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 Task = Literal["sequence-classification", "causal-lm"]
+
+
+def check_range(name: str, value, low: float, high: float | None = None, *, integer: bool = True, none: bool = False,
+                low_open: bool = False) -> None:
+    """``value`` must be a number in [low, high] (``low_open``: (low, high]), an integer where ``integer``, or
+    None where ``none``; the error names the option, the value and the valid range."""
+    if value is None and none:
+        return
+    kind = "an integer" if integer else "a number"
+    valid = f"{kind} {'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
+    valid += " (or null)" if none else ""
+    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
+    ok = ok and math.isfinite(value) and (value > low if low_open else value >= low)
+    if not ok or (high is not None and value > high):
+        raise ValueError(f"{name}={value!r} is out of range: valid values are {valid}")
 
 
 @dataclass
@@ -30,6 +46,11 @@ class LoRAArgs:
     target_modules: list[str] | str = "all-linear"
     """Module names that get adapters, or `all-linear` (every Linear except the output head)."""
 
+    def validate(self) -> None:
+        check_range("lora.r", self.r, 1)
+        check_range("lora.alpha", self.alpha, 0, integer=False, low_open=True)
+        check_range("lora.dropout", self.dropout, 0, 0.99, integer=False)
+
 
 @dataclass
 class DataArgs:
@@ -41,6 +62,10 @@ class DataArgs:
     """Share of each label (classification) or of the examples held out when `val_path` is not given."""
     min_per_topic: int = 20
     """Built-in data only: topics with at least this many documentation paragraphs become labels."""
+
+    def validate(self) -> None:
+        check_range("data.val_fraction", self.val_fraction, 0, 0.9, integer=False, low_open=True)
+        check_range("data.min_per_topic", self.min_per_topic, 1)
 
 
 @dataclass
@@ -74,6 +99,23 @@ class TrainArgs:
     save_interval: int | None = 50
     """Optimizer steps between resumable checkpoints; null: only the final one."""
 
+    def validate(self, devices: int) -> None:
+        for name in ("micro_batch_size", "global_batch_size", "epochs", "max_seq_length", "log_interval"):
+            check_range(f"train.{name}", getattr(self, name), 1)
+        check_range("train.max_steps", self.max_steps, 1, none=True)
+        check_range("train.save_interval", self.save_interval, 1, none=True)
+        check_range("train.warmup_steps", self.warmup_steps, 0)
+        check_range("train.lr", self.lr, 0, integer=False, low_open=True)
+        check_range("train.min_lr", self.min_lr, 0, self.lr, integer=False)
+        check_range("train.weight_decay", self.weight_decay, 0, integer=False)
+        check_range("train.max_grad_norm", self.max_grad_norm, 0, integer=False, none=True, low_open=True)
+        per_step = self.micro_batch_size * devices
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size={self.global_batch_size} must be a multiple of micro_batch_size"
+                f" ({self.micro_batch_size}) x devices ({devices})"
+            )
+
 
 @dataclass
 class EvalArgs:
@@ -81,4 +123,7 @@ class EvalArgs:
     """Optimizer steps between evaluations; null: evaluate only at the end."""
     initial: bool = True
     """Evaluate before training (the untrained-adapter baseline in metrics.json)."""
+
+    def validate(self) -> None:
+        check_range("eval.interval", self.interval, 1, none=True)
 

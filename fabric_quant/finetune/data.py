@@ -37,8 +37,12 @@ class Dataset:
 def read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]]) -> list[dict]:
     """Records of a JSONL file; a malformed line raises ``ValueError`` naming the file and line number."""
     records = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte {err.start}: {err.reason})") from None
             if not line.strip():
                 continue
             try:
@@ -150,6 +154,11 @@ def load_datasets(task: str, data, tokenizer, max_len: int, seed: int) -> tuple[
             encode_instruction(val, tokenizer, max_len, str(data.val_path or source)),
         )
     labels = sorted({str(r["label"]) for r in train})
+    if len(labels) < 2:
+        raise ValueError(
+            f"{source}: every training example has the label {labels[0]!r}; classification needs at least 2 labels"
+            " (with one, the model would learn a constant and report 100 % accuracy)"
+        )
     val_source = str(data.val_path or f"{source} (held-out split)")
     return (
         encode_classification(train, tokenizer, max_len, labels, source),

@@ -1,6 +1,7 @@
 """Resumable checkpoints of a LoRA run: adapters (PEFT format), exact trainable tensors, optimizer, scheduler,
-RNG of every rank and the step. Written to a temporary folder and renamed into place; loaded without
-unpickling code (safetensors and ``torch.load(weights_only=True)``)."""
+RNG of every rank, the step, the run's fingerprint and progress. Written to a temporary folder and renamed into
+place, with a checksum of every file; loaded without unpickling code (safetensors and
+``torch.load(weights_only=True)``) after the checksums and the fingerprint are checked."""
 
 from __future__ import annotations
 
@@ -8,28 +9,47 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from fabric_quant.checkpoint import atomic_write_bytes, save_dir_atomically
+from fabric_quant.checkpoint import (
+    MANIFEST,
+    atomic_write_bytes,
+    load_tensors,
+    read_metadata,
+    save_dir_atomically,
+    save_tensors,
+    verify_manifest,
+    write_manifest,
+)
 
 LATEST = "latest.json"
+RUN = "run.json"
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_checkpoint(fabric, ckpt_root: Path, step: int, peft_model, optimizer, scheduler) -> Path | None:
-    """Collective call (every rank gathers its RNG state); rank 0 writes ``ckpt_root/step-NNNNNN``."""
+def save_adapter(peft_model, folder: Path) -> None:
+    """The adapter in PEFT format, its tensors' checksums added to the safetensors metadata (peft ignores them)."""
+    peft_model.save_pretrained(folder, safe_serialization=True)
+    for path in folder.glob("*.safetensors"):
+        save_tensors(path, load_tensors(path, require_checksums=False), read_metadata(path))
+
+
+def save_checkpoint(fabric, ckpt_root: Path, step: int, peft_model, optimizer, scheduler, run: dict) -> Path | None:
+    """Collective call (every rank gathers its RNG state); rank 0 writes ``ckpt_root/step-NNNNNN``. ``run`` holds
+    the run's fingerprint and progress (JSON), checked and restored on resume."""
     rng = fabric.all_gather(torch.get_rng_state()).reshape(fabric.world_size, -1).cpu()
     target = ckpt_root / f"step-{step:06d}"
     if fabric.global_rank == 0:
 
         def write(tmp: Path) -> None:
-            peft_model.save_pretrained(tmp / "adapter", safe_serialization=True)
-            save_file(trainable_state(peft_model), tmp / "trainable.safetensors")
+            save_adapter(peft_model, tmp / "adapter")
+            save_tensors(tmp / "trainable.safetensors", trainable_state(peft_model))
             state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
             torch.save(state, tmp / "training_state.pt")
+            (tmp / RUN).write_text(json.dumps(run, indent=1, allow_nan=False))
+            write_manifest(tmp)
 
         save_dir_atomically(target, write)
         atomic_write_bytes(ckpt_root / LATEST, json.dumps({"step": step, "path": target.name}).encode())
@@ -37,9 +57,13 @@ def save_checkpoint(fabric, ckpt_root: Path, step: int, peft_model, optimizer, s
     return target
 
 
+def _complete(folder: Path) -> bool:
+    return folder.is_dir() and (folder / MANIFEST).is_file() and (folder / "training_state.pt").is_file()
+
+
 def find_checkpoint(out_dir: Path, resume: bool | str | Path) -> Path | None:
     """``resume=False``: none. ``"auto"``: the latest one if any. ``True``: the latest one, which must exist.
-    A path: that checkpoint folder."""
+    A path: that checkpoint folder. Without ``latest.json`` the newest complete ``step-*`` folder counts."""
     if resume is False:
         return None
     if isinstance(resume, Path) or (isinstance(resume, str) and resume != "auto"):
@@ -47,21 +71,49 @@ def find_checkpoint(out_dir: Path, resume: bool | str | Path) -> Path | None:
         if not (path / "training_state.pt").is_file():
             raise FileNotFoundError(f"resume={str(resume)!r} is not a checkpoint folder (no training_state.pt)")
         return path
-    pointer = out_dir / "checkpoints" / LATEST
+    root = out_dir / "checkpoints"
+    pointer = root / LATEST
     if pointer.is_file():
-        return out_dir / "checkpoints" / json.loads(pointer.read_text())["path"]
+        return root / json.loads(pointer.read_text())["path"]
+    complete = sorted(p for p in root.glob("step-*") if _complete(p)) if root.is_dir() else []
+    if complete:
+        return complete[-1]
     if resume is True:
-        raise FileNotFoundError(f"resume=True but {pointer} does not exist; use resume='auto' to start fresh")
+        raise FileNotFoundError(f"resume=True but {root} holds no complete checkpoint; use resume='auto' instead")
     return None
+
+
+def read_run(path: Path) -> dict:
+    """The fingerprint and progress saved with a checkpoint (after its checksums are verified)."""
+    verify_manifest(path)
+    return json.loads((path / RUN).read_text())
+
+
+def check_fingerprint(saved: dict, current: dict, path: Path) -> None:
+    """Resuming continues the same run: every key that changes the model, the data or the optimization must match."""
+    keys = sorted(saved.keys() | current.keys())
+    diff = [f"{k}: checkpoint {saved.get(k)!r}, now {current.get(k)!r}" for k in keys if saved.get(k) != current.get(k)]
+    if diff:
+        raise ValueError(
+            f"{path} belongs to a different run; resuming would silently mix them. Differences:\n  "
+            + "\n  ".join(diff)
+            + "\nRun with the checkpoint's settings, or start a new run in another --out_dir."
+        )
 
 
 def load_checkpoint(fabric, path: Path, peft_model, optimizer, scheduler) -> int:
     """Restore everything :func:`save_checkpoint` wrote; returns the step to continue from."""
-    tensors = load_file(path / "trainable.safetensors", device=str(fabric.device))
+    verify_manifest(path)
+    tensors = load_tensors(path / "trainable.safetensors", fabric.device)
     params = dict(peft_model.named_parameters())
-    missing = sorted(set(trainable_state(peft_model)) - set(tensors))
+    expected = trainable_state(peft_model)
+    missing = sorted(set(expected) - set(tensors))
     if missing:
         raise ValueError(f"{path} does not match this model: no saved values for {missing[:3]}")
+    wrong = [f"{k}: saved {tuple(v.shape)}, model {tuple(expected[k].shape)}" for k, v in tensors.items()
+             if k in expected and v.shape != expected[k].shape]  # fmt: skip (copy_ would broadcast)
+    if wrong or set(tensors) - set(expected):
+        raise ValueError(f"{path} does not match this model: {wrong[:3] or sorted(set(tensors) - set(expected))[:3]}")
     with torch.no_grad():
         for name, value in tensors.items():
             params[name].copy_(value)

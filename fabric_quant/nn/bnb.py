@@ -46,6 +46,10 @@ def _check_float(weight: torch.Tensor, key: str, error_msgs: list[str]) -> bool:
             " weight (quantized on load) or a checkpoint saved from the same mode"
         )
         return False
+    bad = int((~torch.isfinite(weight)).sum())
+    if bad:
+        error_msgs.append(f"{key}: the float weight holds {bad} non-finite values (NaN/inf); refusing to quantize it")
+        return False
     return True
 
 

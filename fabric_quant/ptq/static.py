@@ -32,6 +32,13 @@ def call_model(model: torch.nn.Module, batch):
     return model(batch)
 
 
+def _check_finite_batch(batch, index: int) -> None:
+    tensors = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, list | tuple) else [batch]
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise ValueError(f"calibration batch {index} holds non-finite values (NaN/inf): observers cannot use it")
+
+
 def quantize_static(
     model: torch.nn.Module,
     calibration_data: Iterable,
@@ -75,6 +82,7 @@ def quantize_static(
     batches = 0
     with torch.no_grad():
         for batch in tqdm(calibration_data, desc="calibrating", unit="batch", disable=not progress, leave=False):
+            _check_finite_batch(batch, batches)
             call_model(work, batch)
             batches += 1
     if batches == 0:

@@ -8,7 +8,14 @@ from dataclasses import dataclass
 
 import torch
 
-from fabric_quant.modules import check_flags, check_ignore_modules, is_ignored, refuse_requantization, replace_modules
+from fabric_quant.modules import (
+    check_finite,
+    check_flags,
+    check_ignore_modules,
+    is_ignored,
+    refuse_requantization,
+    replace_modules,
+)
 from fabric_quant.numerics.quant import group_view
 from fabric_quant.qat.layers import (
     FakeQuantLayer,
@@ -58,12 +65,13 @@ def prepare_qat(
     ignore = check_ignore_modules(model, ignore_modules)
     if not any(type(m) in swaps for m in model.modules()):
         raise TypeError(f"mode {mode!r} quantizes Linear/Conv1d/Conv2d, but {type(model).__name__} has none")
-    for name, m in model.named_modules():
-        if type(m) in swaps and not is_ignored(name, ignore):
-            try:
-                group_view(m.weight, config.group_size, config.per_channel)
-            except ValueError as err:
-                raise ValueError(f"{name}: {err}") from None
+    targets = [name for name, m in model.named_modules() if type(m) in swaps and not is_ignored(name, ignore)]
+    for name in targets:  # every target is checked before fusion changes anything
+        try:
+            group_view(model.get_submodule(name).weight, config.group_size, config.per_channel)
+        except ValueError as err:
+            raise ValueError(f"{name}: {err}") from None
+    check_finite(model, targets)
     if fuse:
         _fuse_sequential(model, ignore, config)
     replace_modules(
