@@ -33,6 +33,7 @@ from lightning.fabric import Fabric
 from tqdm import tqdm
 
 import fabric_quant as fq
+from fabric_quant.finetune.args import check_range
 from fabric_quant.finetune.loop import fit_classifier
 from fabric_quant.kernels import can_compile, check_autotune, compile_model, cpu_features, select_backend
 from fabric_quant.models import digits_cnn, digits_data, sentence_embeddings
@@ -242,6 +243,9 @@ def setup(
         out_dir: where bench.{md,csv,png} go.
     """
     modes = check_modes(modes or all_modes(task), task)
+    for name, value in (("seq_len", seq_len), ("num_texts", num_texts), ("train_epochs", train_epochs),
+                        ("repeats", repeats), ("threads", threads)):  # fmt: skip
+        check_range(name, value, 1)
     check_autotune(compile, autotune)
     backend = select_backend(backend)
     batch_sizes = batch_sizes or [1, 8]

@@ -26,6 +26,7 @@ from lightning.fabric import Fabric
 from safetensors.torch import save_file
 
 import fabric_quant as fq
+from fabric_quant.finetune.args import check_range
 from fabric_quant.finetune.loop import fit_classifier
 from fabric_quant.kernels import check_autotune, compile_model
 from fabric_quant.models import digits_cnn, digits_data
@@ -172,6 +173,12 @@ def setup(
         out_dir: where qat_results.{md,csv,png} and the checkpoints go.
     """
     qat_config(mode, **(options or {}))  # validates mode and options before any work
+    for name, value in (("batch_size", batch_size), ("float_epochs", float_epochs), ("qat_epochs", qat_epochs),
+                        ("max_seq_length", max_seq_length), ("calibration_batches", calibration_batches),
+                        ("repeats", repeats), ("threads", threads)):  # fmt: skip
+        check_range(name, value, 1)
+    for name, value in (("float_lr", float_lr), ("qat_lr", qat_lr)):
+        check_range(name, value, 0, integer=False, low_open=True)
     check_autotune(compile, autotune)
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}. Valid choices: {', '.join(TASKS)}")

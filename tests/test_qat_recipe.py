@@ -55,3 +55,11 @@ def test_bad_mode_and_options_are_refused_before_work(tmp_path):
     with pytest.raises(ValueError, match="autotune=True tunes the compiled rows: it needs compile=True"):
         qat.setup(autotune=True, out_dir=tmp_path / "o")
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("key, value", [("batch_size", 0), ("qat_epochs", 0), ("calibration_batches", -1),
+                                        ("qat_lr", 0.0)])  # fmt: skip
+def test_numeric_options_are_range_checked(tmp_path, key, value):
+    with pytest.raises(ValueError, match=rf"{key}={value!r} is out of range: valid values are"):
+        qat.setup(out_dir=tmp_path / "out", **{key: value})
+    assert not (tmp_path / "out").exists()
