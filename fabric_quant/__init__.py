@@ -10,6 +10,7 @@ from fabric_quant._bnb import quiet_bitsandbytes_logs
 from fabric_quant.api import convert, quantize_
 from fabric_quant.checkpoint import dequantized_state_dict, load_quantized, save_dequantized, save_quantized
 from fabric_quant.footprint import Footprint, footprint
+from fabric_quant.loading import from_pretrained
 from fabric_quant.ptq import quantize_dynamic, quantize_static, recommend
 from fabric_quant.qat import apply_schedule
 from fabric_quant.registry import available_modes, mode_spec, precision_plugin, register_mode, unregister_mode
@@ -42,6 +43,7 @@ __all__ = [
     "convert",
     "dequantized_state_dict",
     "footprint",
+    "from_pretrained",
     "load_quantized",
     "mode_spec",
     "precision_plugin",

@@ -86,6 +86,9 @@ def replace_linear_layers(model: torch.nn.Module, config: BnbConfig) -> torch.nn
             lambda name, child: _adopt(cls, child),
         )  # fmt: skip
     cast_float_rest(model, config.dtype)
+    if not getattr(model, "_fq_cast_on_load", False):  # an assign=True load puts the checkpoint's dtype back
+        model.register_load_state_dict_post_hook(lambda module, keys: cast_float_rest(module, config.dtype))
+        model._fq_cast_on_load = True
     return model
 
 

@@ -87,7 +87,8 @@ def cast_float_rest(model: torch.nn.Module, dtype: torch.dtype) -> None:
     for module in model.modules():
         if hasattr(module, "out_dtype"):
             module.out_dtype = dtype
-        keep = set(getattr(module, "storage_keys", ()))
+        # non-persistent buffers are tables a model computes for itself (rotary frequencies, in fp32 on purpose)
+        keep = set(getattr(module, "storage_keys", ())) | module._non_persistent_buffers_set
         for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if tensor is not None and tensor.is_floating_point() and tensor.dtype != dtype and name not in keep:
                 tensor.data = tensor.data.to(dtype)

@@ -67,6 +67,10 @@ def save_merged(peft_model, base_path: Path, task: str, labels, adapter_dir: Pat
     Hugging Face model. Merging into the original float weights instead would not match training (peft #2321)."""
     from peft import PeftModel
 
+    from fabric_quant.checkpoint import load_tensors
+
+    for path in Path(adapter_dir).glob("*.safetensors"):
+        load_tensors(path)  # the adapter's tensors against their checksums before anything is merged
     base = load_float_model(base_path, task, labels)
     with torch.no_grad():
         for name, layer in quantized_layers(peft_model):

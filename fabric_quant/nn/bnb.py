@@ -9,6 +9,7 @@ checkpoints, and dequantization for export. Importing this module imports bitsan
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import torch
@@ -54,14 +55,44 @@ def _check_float(weight: torch.Tensor, key: str, error_msgs: list[str]) -> bool:
 
 
 class _LoadMixin:
-    """Shared load logic: the layer pops its own weight keys, then lets ``nn.Module`` load the bias."""
+    """Shared load and initialisation logic of the two layer kinds: the layer pops its own weight keys, then lets
+    ``nn.Module`` load the bias; ``to_empty`` and ``reset_parameters`` work on a float weight and quantize it (a
+    packed weight can be neither allocated nor initialised in place)."""
 
     def _load_weight(self, state_dict: dict, prefix: str, error_msgs: list[str]) -> bool:
         raise NotImplementedError
 
+    def _float_dtype(self) -> torch.dtype:
+        return getattr(self, "compute_dtype", None) or torch.get_default_dtype()
+
+    def to_empty(self, *, device, recurse: bool = True):
+        """Uninitialised storage on ``device`` (e.g. after building on meta), as a quantized weight of this mode."""
+        device = torch.device(device)
+        if device.type == "meta":
+            return super().to_empty(device=device, recurse=recurse)
+        self.quantize_(torch.zeros(self.out_features, self.in_features, device=device, dtype=self._float_dtype()))
+        if self.bias is not None:
+            self.bias = torch.nn.Parameter(torch.empty_like(self.bias, device=device), self.bias.requires_grad)
+        return self
+
+    def reset_parameters(self) -> None:
+        """``torch.nn.Linear``'s initialisation, drawn in float and quantized on the weight's device."""
+        weight = getattr(self, "weight", None)
+        if not isinstance(weight, bnb.nn.Params4bit | bnb.nn.Int8Params) or weight.device.type == "meta":
+            return torch.nn.Linear.reset_parameters(self)  # during construction (a plain Parameter), or on meta
+        fresh = torch.empty(self.out_features, self.in_features, device=weight.device, dtype=self._float_dtype())
+        torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
+        if self.bias is not None:
+            bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
+            torch.nn.init.uniform_(self.bias, -bound, bound)
+        self.quantize_(fresh, weight.device)
+
     def _load_from_state_dict(
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
     ):
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            if hasattr(state_dict[key], "_load_tensor"):  # Lightning's lazy loader (_NotYetLoadedTensor): read it
+                state_dict[key] = state_dict[key]._load_tensor()
         has_weight = prefix + "weight" in state_dict
         if has_weight:
             self._load_weight(state_dict, prefix, error_msgs)

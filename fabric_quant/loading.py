@@ -1,0 +1,176 @@
+"""Quantize while loading: a Hugging Face model built on the meta device and filled tensor by tensor from its
+safetensors checkpoint, each Linear weight quantized on the target device as it arrives. The float model never
+exists whole, on the host or on the device: peak memory is the quantized model plus about one float tensor."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fabric_quant.dtypes import parse_dtype
+from fabric_quant.modules import cast_float_rest
+from fabric_quant.nn.base import QuantizedLinear
+
+TASKS = ("causal-lm", "sequence-classification")
+
+
+def checkpoint_files(path: Path) -> list[Path]:
+    """The safetensors files of a model folder: the shards its index lists, or its one file."""
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        return [path / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
+    if (path / "model.safetensors").is_file():
+        return [path / "model.safetensors"]
+    raise FileNotFoundError(f"{path} holds no model.safetensors (or sharded index); only safetensors checkpoints load")
+
+
+def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every tensor of the checkpoint, one at a time (memory-mapped: only the tensor being handled is read)."""
+    from safetensors import safe_open
+
+    for file in checkpoint_files(path):
+        with safe_open(str(file), framework="pt", device="cpu") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
+                yield key, f.get_tensor(key)
+
+
+def output_heads(model: torch.nn.Module, task: str) -> list[str]:
+    """Names of the output head(s), which stay float by default: a 4-bit head costs accuracy, and peft's
+    modules_to_save needs a float classifier."""
+    if task == "sequence-classification":
+        from peft.utils.constants import SEQ_CLS_HEAD_NAMES
+
+        return [name for name in SEQ_CLS_HEAD_NAMES if getattr(model, name, None) is not None]
+    out = model.get_output_embeddings()
+    return [name for name, module in model.named_modules() if module is out][:1]
+
+
+def from_pretrained(
+    path: str | Path,
+    mode: str | None = None,
+    *,
+    task: str = "causal-lm",
+    dtype: torch.dtype | str = torch.bfloat16,
+    device: torch.device | str | None = None,
+    ignore_modules: Iterable[str] | None = None,
+    progress: bool = True,
+    **config_kwargs: Any,
+) -> torch.nn.Module:
+    """The transformers model for ``task`` from a local folder, quantized with a bitsandbytes ``mode`` while loading.
+
+    Args:
+        path: a Hugging Face model folder with ``config.json`` and safetensors weights (one file or shards with
+            their index; bf16, fp16 or fp32 on disk).
+        mode: any bitsandbytes mode (``"nf4-dq"``...), or None for a plain model in ``dtype``.
+        task: ``causal-lm`` or ``sequence-classification``.
+        dtype: the dtype of everything not quantized (and the 4-bit layers' compute dtype).
+        device: where the model lives (default: CUDA when available, else CPU).
+        ignore_modules: Linear layers kept in float; default: the output head (``lm_head`` / the classifier).
+        config_kwargs: config overrides, e.g. ``num_labels``, ``id2label``, ``label2id``.
+    The result equals quantizing the model loaded whole in ``dtype`` (same codes, same outputs); tied weights
+    are tied, buffers computed at construction (rotary tables) are kept, and weights missing from the checkpoint
+    (a new classification head) are initialised as transformers does, with a warning naming them.
+    """
+    from accelerate import init_empty_weights
+    from accelerate.utils import set_module_tensor_to_device
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from fabric_quant.bnb import BnbConfig, replace_linear_layers
+
+    if task not in TASKS:
+        raise ValueError(f"task={task!r} is not supported. Valid choices: {', '.join(TASKS)}")
+    path, dtype = Path(path), parse_dtype(dtype, what="dtype")
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{str(path)!r} is not a Hugging Face model folder (no config.json)")
+    files = checkpoint_files(path)
+    bnb_config = None if mode is None else BnbConfig.create(mode, dtype)  # validated before any work
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    config = AutoConfig.from_pretrained(path, **config_kwargs)
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed
+        model = auto.from_config(config, dtype=dtype)
+    if bnb_config is not None:
+        ignore = output_heads(model, task) if ignore_modules is None else ignore_modules
+        bnb_config = BnbConfig.create(mode, dtype, ignore)
+        replace_linear_layers(model, bnb_config)
+        head = model.get_output_embeddings()
+        if getattr(config, "tie_word_embeddings", False) and isinstance(head, QuantizedLinear):
+            raise ValueError(f"{path}: the output head shares the input embedding's weight (tie_word_embeddings);"
+                             " it cannot be quantized on its own: keep it in ignore_modules")  # fmt: skip
+
+    names = set(model.state_dict())
+    prefix = getattr(model, "base_model_prefix", "")
+    seen, unexpected = set(), []
+    total = sum(_count(file) for file in files) if progress else None
+    bar = tqdm(total=total, desc=f"load {path.name}" + (f" as {mode}" if mode else ""), unit="tensor",
+               disable=not progress, leave=False)  # fmt: skip
+    for key, tensor in iter_checkpoint(path):
+        bar.update(1)
+        name = _model_key(key, names, prefix)
+        if name is None:
+            unexpected.append(key)
+            continue
+        seen.add(name)
+        module_name, _, attr = name.rpartition(".")
+        module = model.get_submodule(module_name)
+        if isinstance(module, QuantizedLinear) and attr == "weight":
+            if not bool(torch.isfinite(tensor).all()):
+                raise ValueError(f"{path}: {key} holds non-finite values (NaN/inf): refusing to quantize it")
+            module.quantize_(tensor.to(dtype), device)  # rounded to dtype first: equal to quantizing the loaded model
+        else:
+            value_dtype = dtype if tensor.is_floating_point() else None
+            set_module_tensor_to_device(model, name, device, value=tensor, dtype=value_dtype)
+    bar.close()
+    model.tie_weights()
+    _initialise_missing(model, device, dtype, path)
+    if unexpected:
+        warnings.warn(f"{path}: {len(unexpected)} checkpoint tensors the model does not use: {unexpected[:5]}",
+                      stacklevel=2)  # fmt: skip
+    model.to(device).eval()  # the buffers built on the host; quantized layers are already there
+    cast_float_rest(model, dtype)
+    return model
+
+
+def _count(file: Path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(file), framework="pt") as f:
+        return len(list(f.keys()))
+
+
+def _model_key(key: str, names: set[str], prefix: str) -> str | None:
+    """The model's name for a checkpoint key: the same, or with the base model's prefix added or removed (a
+    classification model loads the weights of its bare encoder, and the other way round)."""
+    if key in names:
+        return key
+    if prefix and f"{prefix}.{key}" in names:
+        return f"{prefix}.{key}"
+    if prefix and key.startswith(prefix + ".") and key[len(prefix) + 1 :] in names:
+        return key[len(prefix) + 1 :]
+    return None
+
+
+def _initialise_missing(model: torch.nn.Module, device: torch.device, dtype: torch.dtype, path: Path) -> None:
+    """Weights the checkpoint did not have (after tying) are still on meta: create and initialise them as
+    transformers does, and say which (a new classification head is expected; anything else is worth a look)."""
+    missing = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if not missing:
+        return
+    owners = {name.rpartition(".")[0] for name in missing}
+    for owner in sorted(owners):
+        module = model.get_submodule(owner)
+        if isinstance(module, QuantizedLinear):
+            raise ValueError(f"{path}: the checkpoint has no weight for the quantized layer {owner}")
+        module.to_empty(device=device, recurse=False)
+        with torch.no_grad():
+            model._init_weights(module)
+        for p in module.parameters(recurse=False):
+            p.data = p.data.to(dtype)
+    warnings.warn(f"{path}: newly initialised (not in the checkpoint): {missing}", stacklevel=3)
