@@ -35,7 +35,7 @@ from fabric_quant.dtypes import parse_dtype
 from fabric_quant.finetune import data as fdata
 from fabric_quant.finetune.args import DataArgs, EvalArgs, LoRAArgs, ModelArgs, TrainArgs, check_range
 from fabric_quant.finetune.log import StepLog
-from fabric_quant.finetune.model import add_lora, head_names, load_float_model, save_merged
+from fabric_quant.finetune.model import add_lora, head_names, load_model, save_merged
 from fabric_quant.finetune.optim import build_optimizer, check_optimizer, warmup_cosine
 from fabric_quant.finetune.state import (
     check_fingerprint,
@@ -64,7 +64,7 @@ def setup(
     resume: bool | Literal["auto"] | Path = False,
     overwrite: bool = False,
     merge: bool = True,
-    merged_dtype: Literal["float32", "bfloat16", "float16"] = "float32",
+    merged_dtype: Literal["float32", "bfloat16", "float16"] | None = None,
 ) -> dict:
     """Fine-tune a Hugging Face model with LoRA adapters on a frozen (quantized) base.
 
@@ -85,7 +85,7 @@ def setup(
             resumed run must have the checkpoint's settings; resuming a finished run changes nothing.
         overwrite: without resume, replace the run already in out_dir (otherwise a non-empty out_dir is refused).
         merge: write final/merged (LoRA merged into the dequantized base).
-        merged_dtype: dtype of the merged model.
+        merged_dtype: dtype of the merged model; default bfloat16 for causal-lm, float32 for classification.
     """
     config = {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in locals().items()}
     _validate(quantize, strategy, model, lora, data, train, eval, devices)
@@ -109,8 +109,8 @@ def setup(
         fabric = Fabric(plugins=plugin, **kwargs)
     check_optimizer(train.optimizer, fabric.device)
     fabric.launch()
-    return main(fabric, plugin, config, fingerprint, model, lora, data, train, eval, seed, out_dir, resume, merge,
-                merged_dtype)  # fmt: skip
+    return main(fabric, plugin, compute_dtype, config, fingerprint, model, lora, data, train, eval, seed, out_dir,
+                resume, merge, merged_dtype)  # fmt: skip
 
 
 # the training options that change the optimization (the others, e.g. intervals, may change on resume)
@@ -158,8 +158,8 @@ def _validate(quantize, strategy: str, model: ModelArgs, lora, data, train: Trai
             )
 
 
-def main(fabric, plugin, config, fingerprint, model_args, lora, data, train, eval_args, seed, out_dir, resume, merge,
-         dtype):  # fmt: skip
+def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, data, train, eval_args, seed, out_dir,
+         resume, merge, dtype):  # fmt: skip
     start = time.perf_counter()
     fabric.seed_everything(seed)
     from transformers import AutoTokenizer
@@ -180,12 +180,10 @@ def main(fabric, plugin, config, fingerprint, model_args, lora, data, train, eva
         check_fingerprint(run["fingerprint"], fingerprint, ckpt)
         progress = run["progress"]
 
-    with fabric.rank_zero_first():
-        net = load_float_model(path, task, train_set.labels)
+    with fabric.rank_zero_first():  # quantized while it loads (before LoRA: the adapters stay float)
+        net = load_model(path, task, train_set.labels, plugin.mode if plugin else None, compute_dtype, fabric.device,
+                         model_args.ignore_modules, progress=fabric.global_rank == 0)  # fmt: skip
     heads = head_names(net, task)
-    if plugin is not None:  # quantize before LoRA so the adapters themselves stay float, on the target device
-        fq.quantize_(net, plugin.mode, dtype=plugin.dtype, ignore_modules=model_args.ignore_modules or heads,
-                     device=fabric.device)  # fmt: skip
     if train.gradient_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = add_lora(net, task, lora, heads)
@@ -309,7 +307,8 @@ def main(fabric, plugin, config, fingerprint, model_args, lora, data, train, eva
         metrics["adapter_dir"] = str(adapter)
         if merge:
             merged_dir = final / "merged"
-            save_merged(peft_model, path, task, train_set.labels, adapter, merged_dir, getattr(torch, dtype))
+            merged_dtype = getattr(torch, dtype or ("bfloat16" if task == "causal-lm" else "float32"))
+            save_merged(peft_model, merged_dir, merged_dtype)
             tokenizer.save_pretrained(merged_dir)
             metrics["merged_dir"] = str(merged_dir)
         # written last: its presence marks the run finished

@@ -23,7 +23,7 @@ import qlora  # noqa: E402
 from fabric_quant.data import topic_paragraphs  # noqa: E402
 from fabric_quant.finetune.args import DataArgs, EvalArgs, LoRAArgs, ModelArgs, TrainArgs  # noqa: E402
 from fabric_quant.finetune.log import read_log  # noqa: E402
-from fabric_quant.finetune.model import load_float_model  # noqa: E402
+from fabric_quant.finetune.model import load_model  # noqa: E402
 
 
 def write_jsonl(path: Path, records: list[dict]) -> Path:
@@ -61,7 +61,7 @@ def tiny_llama_dir(tmp_path):
 
 
 def run(model_dir, out_dir, task="sequence-classification", train_path=None, quantize="nf4-dq", seed=42, lora_r=4,
-        resume=False, overwrite=False, merge=True, **train_kw):  # fmt: skip
+        resume=False, overwrite=False, merge=True, merged_dtype=None, **train_kw):  # fmt: skip
     train = {"micro_batch_size": 4, "global_batch_size": 8, "max_steps": 6, "max_seq_length": 32, "lr": 5e-3,
              "warmup_steps": 1, "save_interval": 3, "log_interval": 1, **train_kw}  # fmt: skip
     return qlora.setup(
@@ -71,6 +71,7 @@ def run(model_dir, out_dir, task="sequence-classification", train_path=None, qua
         resume=resume,
         overwrite=overwrite,
         merge=merge,
+        merged_dtype=merged_dtype,
         lora=LoRAArgs(r=lora_r, alpha=8, dropout=0.0),
         data=DataArgs(train_path=train_path, val_fraction=0.25),
         train=TrainArgs(**train),
@@ -85,11 +86,7 @@ def adapter_model(model_dir, out_dir, task, labels, mode="nf4-dq"):
     """The trained adapter reloaded (PEFT format) onto a freshly quantized base, as a user would."""
     from peft import PeftModel
 
-    import fabric_quant as fq
-
-    base = load_float_model(model_dir, task, labels)
-    heads = ["classifier"] if task == "sequence-classification" else ["lm_head"]
-    fq.quantize_(base, mode, dtype=torch.float32, ignore_modules=heads)
+    base = load_model(model_dir, task, labels, mode, torch.float32, "cpu", progress=False)
     return PeftModel.from_pretrained(base, out_dir / "final" / "adapter").eval()
 
 
@@ -128,8 +125,10 @@ def test_causal_lm_instruction_end_to_end(tiny_llama_dir, instruction_data, tmp_
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "run"
-    metrics = run(tiny_llama_dir, out, task="causal-lm", train_path=instruction_data, max_seq_length=128)
+    metrics = run(tiny_llama_dir, out, task="causal-lm", train_path=instruction_data, max_seq_length=128,
+                  merged_dtype="float32")  # fmt: skip
     assert metrics["final_eval"]["perplexity"] > 1
+    assert (out / "final" / "merged" / "model.safetensors.index.json").is_file()  # written shard by shard
     merged = AutoModelForCausalLM.from_pretrained(out / "final" / "merged").eval()
     reloaded = adapter_model(tiny_llama_dir, out, "causal-lm", None)
     ids = torch.randint(1000, 2000, (2, 16))
@@ -251,7 +250,7 @@ def test_ddp_two_cpu_processes_with_4bit_base(tiny_bert_with_tokenizer, cls_data
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["steps"] == 4 and 0 <= metrics["final_eval"]["accuracy"] <= 1
     assert metrics["final_train_loss"] > 0 and math.isfinite(metrics["final_train_loss"])
-    assert (out / "final" / "merged" / "model.safetensors").is_file()
+    assert (out / "final" / "merged" / "model.safetensors.index.json").is_file()
     state = torch.load(out / "checkpoints" / "step-000004" / "training_state.pt", weights_only=True)
     assert state["rng"].shape[0] == 2  # both ranks' RNG saved for an exact resume
 

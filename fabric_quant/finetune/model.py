@@ -1,42 +1,34 @@
-"""Assembling the model of a (Q)LoRA run and merging the result back into a float Hugging Face model."""
+"""Assembling the model of a (Q)LoRA run, and merging the result into a plain Hugging Face model layer by layer."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from fabric_quant.checkpoint import save_dir_atomically
-from fabric_quant.nn.base import quantized_layers
+from fabric_quant.checkpoint import save_dir_atomically, save_tensors
+from fabric_quant.loading import from_pretrained, output_heads
+from fabric_quant.nn.base import QuantizedLinear
 
 _TASK_TYPE = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
-_PEFT_PREFIX = "base_model.model."
 
 
-def load_float_model(path: Path, task: str, labels: list[str] | None):
-    """The Hugging Face model for ``task`` in fp32 (the quantization plugin decides what becomes low-bit)."""
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
+def load_model(path: Path, task: str, labels: list[str] | None, mode: str | None, dtype: torch.dtype, device=None,
+               ignore_modules=None, progress: bool = True):  # fmt: skip
+    """The Hugging Face model for ``task``, quantized with ``mode`` while it loads (None: plain ``dtype``)."""
+    kwargs = {}
     if task == "sequence-classification":
-        return AutoModelForSequenceClassification.from_pretrained(
-            path,
-            dtype=torch.float32,
-            num_labels=len(labels),
-            id2label=dict(enumerate(labels)),
-            label2id={name: i for i, name in enumerate(labels)},
-        )
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
+                  "label2id": {name: i for i, name in enumerate(labels)}}  # fmt: skip
+    return from_pretrained(path, mode, task=task, dtype=dtype, device=device, ignore_modules=ignore_modules,
+                           progress=progress, **kwargs)  # fmt: skip
 
 
 def head_names(model, task: str) -> list[str]:
     """The output head(s), kept in float: a 4-bit head breaks peft's modules_to_save and costs accuracy."""
-    from peft.utils.constants import SEQ_CLS_HEAD_NAMES
-
-    if task == "sequence-classification":
-        names = [name for name in SEQ_CLS_HEAD_NAMES if getattr(model, name, None) is not None]
-    else:
-        out = model.get_output_embeddings()
-        names = [name for name, module in model.named_modules() if module is out][:1]
+    names = output_heads(model, task)
     if not names:
         raise ValueError(f"Could not find the output head of {type(model).__name__}; set model.ignore_modules")
     return names
@@ -57,24 +49,87 @@ def add_lora(model, task: str, lora, heads: list[str]):
     return get_peft_model(model, config)
 
 
-def base_name(peft_name: str) -> str:
-    """Name of a layer in the plain model, from its name inside the peft wrapper."""
-    return peft_name.removeprefix(_PEFT_PREFIX).removesuffix(".base_layer")
+def merged_tensors(peft_model, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """The plain model's state, one tensor at a time: LoRA merged into the *dequantized* base weight (the weights
+    the adapter was trained against; merging into the original float weights would not match training, peft
+    #2321), trained copies of modules_to_save, everything else as it is. Float tensors in ``dtype``."""
+    from peft.tuners.lora import LoraLayer
+    from peft.utils.other import ModulesToSaveWrapper
+
+    model = peft_model.get_base_model()
+    adapter = peft_model.active_adapter
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = head is not None and embed is not None and getattr(head, "weight", None) is embed.weight
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        return t.detach().to(dtype) if t.is_floating_point() else t.detach()
+
+    def weight_of(layer) -> torch.Tensor:
+        return layer.dequantized_weight() if isinstance(layer, QuantizedLinear) else layer.weight.detach().float()
+
+    skip = None
+    for name, module in model.named_modules():
+        if skip is not None and name.startswith(skip):
+            continue  # inside a wrapper already handled
+        prefix = f"{name}." if name else ""
+        if isinstance(module, LoraLayer | ModulesToSaveWrapper | QuantizedLinear):
+            skip = prefix
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            yield f"{prefix}weight", cast(weight_of(base) + module.get_delta_weight(adapter).float())
+            if base.bias is not None:
+                yield f"{prefix}bias", cast(base.bias)
+        elif isinstance(module, ModulesToSaveWrapper):
+            for key, value in module.modules_to_save[adapter].state_dict().items():
+                yield prefix + key, cast(value)
+        elif isinstance(module, QuantizedLinear):
+            yield f"{prefix}weight", cast(weight_of(module))
+            if module.bias is not None:
+                yield f"{prefix}bias", cast(module.bias)
+        else:
+            for key, value in module.named_parameters(recurse=False):
+                if not (tied and module is head and key == "weight"):  # saved once, as the input embedding
+                    yield prefix + key, cast(value)
+            for key, value in module.named_buffers(recurse=False):
+                if key not in module._non_persistent_buffers_set:
+                    yield prefix + key, cast(value)
 
 
-def save_merged(peft_model, base_path: Path, task: str, labels, adapter_dir: Path, out: Path, dtype: torch.dtype):
-    """LoRA merged into the *dequantized* base (the weights the adapter was trained against), saved as a plain
-    Hugging Face model. Merging into the original float weights instead would not match training (peft #2321)."""
-    from peft import PeftModel
+def save_merged(peft_model, out: Path, dtype: torch.dtype, max_shard_bytes: int = 1 << 30) -> Path:
+    """Write :func:`merged_tensors` as sharded safetensors with their index and the model's config, a folder that
+    ``transformers``' ``from_pretrained`` loads. Tensors stream out shard by shard: the extra memory is about one
+    float layer plus one shard, never a float copy of the whole model."""
+    model = peft_model.get_base_model()
 
-    from fabric_quant.checkpoint import load_tensors
+    def write(tmp: Path) -> None:
+        tmp.mkdir(parents=True)
+        shards, current, size, weight_map, total = [], {}, 0, {}, 0
 
-    for path in Path(adapter_dir).glob("*.safetensors"):
-        load_tensors(path)  # the adapter's tensors against their checksums before anything is merged
-    base = load_float_model(base_path, task, labels)
-    with torch.no_grad():
-        for name, layer in quantized_layers(peft_model):
-            base.get_submodule(base_name(name)).weight.copy_(layer.dequantized_weight())
-    merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload().to(dtype)
-    save_dir_atomically(out, lambda tmp: merged.save_pretrained(tmp, safe_serialization=True))
-    return merged
+        def flush() -> None:
+            nonlocal current, size
+            if current:
+                name = f"part-{len(shards):05d}.safetensors"
+                save_tensors(tmp / name, current, {"format": "pt"})
+                shards.append((name, list(current)))
+                current, size = {}, 0
+
+        for key, tensor in merged_tensors(peft_model, dtype):
+            nbytes = tensor.numel() * tensor.element_size()
+            if current and size + nbytes > max_shard_bytes:
+                flush()
+            current[key] = tensor.contiguous()
+            size, total = size + nbytes, total + nbytes
+        flush()
+        for i, (name, keys) in enumerate(shards, 1):
+            final = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+            (tmp / name).rename(tmp / final)
+            weight_map.update(dict.fromkeys(keys, final))
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        config = model.config.__class__.from_dict(model.config.to_dict())
+        config.dtype = dtype
+        config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+
+    return save_dir_atomically(out, write)
