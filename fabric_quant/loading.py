@@ -125,8 +125,11 @@ def from_pretrained(
                 raise ValueError(f"{path}: {key} holds non-finite values (NaN/inf): refusing to quantize it")
             module.quantize_(tensor.to(dtype), device)  # rounded to dtype first: equal to quantizing the loaded model
         else:
-            value_dtype = dtype if tensor.is_floating_point() else None
-            set_module_tensor_to_device(model, name, device, value=tensor, dtype=value_dtype)
+            # a copy the model owns: a tensor viewing the memory-mapped file would keep the whole mapped file
+            # (every page the quantization read) resident for as long as the model lives
+            value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+            value = value.clone() if value.data_ptr() == tensor.data_ptr() else value
+            set_module_tensor_to_device(model, name, device, value=value)
     bar.close()
     model.tie_weights()
     _initialise_missing(model, device, dtype, path)
@@ -135,7 +138,21 @@ def from_pretrained(
                       stacklevel=2)  # fmt: skip
     model.to(device).eval()  # the buffers built on the host; quantized layers are already there
     cast_float_rest(model, dtype)
+    release_freed_memory()
     return model
+
+
+def release_freed_memory() -> None:
+    """Hand the heap memory freed by the load (one float tensor after another) back to the operating system.
+    glibc keeps freed blocks for reuse and its mmap threshold grows with large frees, so without this a process
+    keeps holding about as much as the temporaries needed; elsewhere this does nothing."""
+    import contextlib
+    import ctypes
+    import platform
+
+    if platform.system() == "Linux":
+        with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _count(file: Path) -> int:

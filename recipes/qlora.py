@@ -34,6 +34,7 @@ from fabric_quant.checkpoint import atomic_write_bytes, save_dir_atomically
 from fabric_quant.dtypes import parse_dtype
 from fabric_quant.finetune import data as fdata
 from fabric_quant.finetune.args import DataArgs, EvalArgs, LoRAArgs, ModelArgs, TrainArgs, check_range
+from fabric_quant.finetune.generation import generate
 from fabric_quant.finetune.log import StepLog
 from fabric_quant.finetune.model import add_lora, head_names, load_model, save_merged
 from fabric_quant.finetune.optim import build_optimizer, check_optimizer, warmup_cosine
@@ -100,7 +101,8 @@ def setup(
                    **{f"lora.{k}": v for k, v in asdict(lora).items()},
                    **{f"train.{k}": getattr(train, k) for k in _RUN_KEYS},
                    "data.train_path": str(data.train_path), "data.val_path": str(data.val_path),
-                   "data.val_fraction": data.val_fraction, "data.min_per_topic": data.min_per_topic}  # fmt: skip
+                   "data.val_fraction": data.val_fraction, "data.min_per_topic": data.min_per_topic,
+                   "data.packing": data.packing}  # fmt: skip
     if quantize is None:
         plugin, fabric = None, Fabric(precision=precision, **kwargs)
     else:
@@ -180,9 +182,11 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
         check_fingerprint(run["fingerprint"], fingerprint, ckpt)
         progress = run["progress"]
 
+    load_start = time.perf_counter()
     with fabric.rank_zero_first():  # quantized while it loads (before LoRA: the adapters stay float)
         net = load_model(path, task, train_set.labels, plugin.mode if plugin else None, compute_dtype, fabric.device,
                          model_args.ignore_modules, progress=fabric.global_rank == 0)  # fmt: skip
+    load_time, memory_after_load = time.perf_counter() - load_start, _peak_memory_mb(fabric.device)
     heads = head_names(net, task)
     if train.gradient_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -293,6 +297,8 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
         "resumed_from_step": _ckpt_step(ckpt) if ckpt else None,
         "quantize": plugin.mode if plugin else None,
         "peak_memory_mb": _peak_memory_mb(fabric.device),
+        "load_time_s": load_time,
+        "peak_memory_after_load_mb": memory_after_load,
         "throughput_examples_per_s": examples * fabric.world_size / train_time if train_time else None,
         "throughput_tokens_per_s": tokens * fabric.world_size / train_time if train_time else None,
         "train_time_s": train_time,
@@ -301,6 +307,12 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
     })  # fmt: skip
     if fabric.global_rank == 0:
         log.close()
+        if task == "causal-lm":  # one sample from the trained model: the first validation prompt, greedy
+            example = val_set.examples[0]
+            n_prompt = sum(1 for label in example["labels"] if label == fdata.IGNORE_INDEX)
+            prompt = example["input_ids"][:n_prompt]
+            metrics["sample_generation"] = {"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
+                                            **generate(peft_model, tokenizer, prompt, max_new_tokens=32)}  # fmt: skip
         final = out_dir / "final"
         adapter = save_dir_atomically(final / "adapter", lambda tmp: save_adapter(peft_model, tmp))
         tokenizer.save_pretrained(adapter)
@@ -373,6 +385,9 @@ def _print_summary(metrics: dict, out_dir: Path) -> None:
         print(f"eval before training: {fmt(metrics['initial_eval'])}")
     loss = metrics["final_train_loss"]
     print(f"eval after {metrics['steps']} steps: {fmt(metrics['final_eval'])}  (train loss {loss:.4f})")
+    if "sample_generation" in metrics:
+        sample = metrics["sample_generation"]
+        print(f"sample ({sample['tokens_per_s']:.1f} tokens/s): {sample['prompt'][-80:]!r} -> {sample['text']!r}")
     print(f"adapter (PEFT):  {metrics['adapter_dir']}")
     if "merged_dir" in metrics:
         print(f"merged model:    {metrics['merged_dir']}")

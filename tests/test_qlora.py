@@ -21,6 +21,7 @@ sys.path.insert(0, str(ROOT / "recipes"))
 import qlora  # noqa: E402
 
 from fabric_quant.data import topic_paragraphs  # noqa: E402
+from fabric_quant.finetune import data as fdata  # noqa: E402
 from fabric_quant.finetune.args import DataArgs, EvalArgs, LoRAArgs, ModelArgs, TrainArgs  # noqa: E402
 from fabric_quant.finetune.log import read_log  # noqa: E402
 from fabric_quant.finetune.model import load_model  # noqa: E402
@@ -139,7 +140,6 @@ def test_causal_lm_instruction_end_to_end(tiny_llama_dir, instruction_data, tmp_
 def test_prompt_tokens_are_masked_from_the_loss(instruction_data):
     from transformers import AutoTokenizer
 
-    from fabric_quant.finetune import data as fdata
     from fabric_quant.models import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
@@ -451,3 +451,78 @@ def test_single_label_non_utf8_and_missing_model_path(tiny_bert_with_tokenizer, 
         run(tiny_bert_with_tokenizer, tmp_path / "o2", train_path=bad)
     with pytest.raises(FileNotFoundError, match=r"model.path='.*nowhere' is not a Hugging Face model folder"):
         run(tmp_path / "nowhere", tmp_path / "o3", train_path=one)
+
+
+# --- causal LMs: chat data, packing, gradient checkpointing, generation --------------------------------------------
+
+
+@pytest.fixture
+def chat_data(tmp_path):
+    records = [{"messages": [{"role": "system", "content": "Answer with the topic."},
+                             {"role": "user", "content": text[:60]}, {"role": "assistant", "content": topic}]}
+               for topic, text in topic_paragraphs()[:24]]  # fmt: skip
+    return write_jsonl(tmp_path / "chat.jsonl", records)
+
+
+def test_chat_records_train_on_assistant_turns_only(chat_data):
+    from transformers import AutoTokenizer
+
+    from fabric_quant.models import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())  # no chat template: the plain "### Role:" layout
+    records = fdata.read_jsonl(chat_data, {"messages": list})
+    ds = fdata.encode_chat(records, tok, 512)
+    example = ds.examples[0]
+    target = tok.decode([t for t in example["labels"] if t != fdata.IGNORE_INDEX])
+    assert "assistant" in target and records[0]["messages"][2]["content"] in target
+    assert records[0]["messages"][1]["content"][:20] not in target  # the user turn carries no loss
+    tok.chat_template = "{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+    templated = fdata.encode_chat(records, tok, 512).examples[0]
+    target = tok.decode([t for t in templated["labels"] if t != fdata.IGNORE_INDEX])
+    assert "assistant" in target and "system" not in target and "user" not in target
+
+
+def test_packing_fills_sequences_and_keeps_the_masks():
+    ds = fdata.Dataset([{"input_ids": [i] * 5, "labels": [fdata.IGNORE_INDEX] * 2 + [i] * 3} for i in range(1, 8)])
+    packed = fdata.pack(ds, 16)
+    assert [len(e["input_ids"]) for e in packed.examples] == [16, 16, 3]
+    flat = [t for e in packed.examples for t in e["labels"]]
+    assert flat == [t for e in ds.examples for t in e["labels"]]
+
+
+@pytest.mark.parametrize("mode", ["nf4", "nf4-dq", "fp4", "fp4-dq"])
+def test_gradient_checkpointing_with_every_4bit_mode(tiny_llama_dir, chat_data, tmp_path, mode):
+    metrics = run(tiny_llama_dir, tmp_path / mode, task="causal-lm", train_path=chat_data, quantize=mode,
+                  max_steps=2, max_seq_length=64, gradient_checkpointing=True, merge=False)  # fmt: skip
+    assert metrics["steps"] == 2 and math.isfinite(metrics["final_train_loss"])
+    assert metrics["sample_generation"]["new_tokens"] > 0  # the recipe's sample from the trained model
+
+
+def test_packed_chat_run_and_generate_recipe(tiny_llama_dir, chat_data, tmp_path, capsys):
+    import generate
+
+    out = tmp_path / "packed"
+    qlora.setup(model=ModelArgs(path=tiny_llama_dir, task="causal-lm"), lora=LoRAArgs(r=4), precision="32-true",
+                data=DataArgs(train_path=chat_data, packing=True), accelerator="cpu", out_dir=out,
+                train=TrainArgs(micro_batch_size=2, global_batch_size=2, max_steps=2, max_seq_length=64),
+                eval=EvalArgs(interval=None, initial=False))  # fmt: skip
+    capsys.readouterr()
+    common = {"prompt": "Name the topic.", "max_new_tokens": 5, "precision": "32-true", "accelerator": "cpu"}
+    results = generate.setup(model=ModelArgs(path=tiny_llama_dir, task="causal-lm"), adapter=out / "final" / "adapter",
+                             **common)  # fmt: skip
+    printed = capsys.readouterr().out
+    assert results[0]["new_tokens"] == 5 and "tokens/s" in printed and "peak memory" in printed
+    merged = generate.setup(model=ModelArgs(path=out / "final" / "merged", task="causal-lm"), quantize=None, **common)
+    assert merged[0]["new_tokens"] == 5
+
+
+def test_generate_recipe_bad_input(tiny_llama_dir, tmp_path):
+    import generate
+
+    model = ModelArgs(path=tiny_llama_dir, task="causal-lm")
+    with pytest.raises(ValueError, match="give exactly one of --prompt and --prompts_path"):
+        generate.setup(model=model)
+    with pytest.raises(ValueError, match=r"max_new_tokens=0 is out of range"):
+        generate.setup(model=model, prompt="x", max_new_tokens=0)
+    with pytest.raises(FileNotFoundError, match="is not a PEFT adapter folder"):
+        generate.setup(model=model, prompt="x", adapter=tmp_path)

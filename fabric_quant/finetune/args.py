@@ -62,6 +62,8 @@ class DataArgs:
     """Share of each label (classification) or of the examples held out when `val_path` is not given."""
     min_per_topic: int = 20
     """Built-in data only: topics with at least this many documentation paragraphs become labels."""
+    packing: bool = False
+    """causal-lm: concatenate short training examples into full max_seq_length sequences (no padding)."""
 
     def validate(self) -> None:
         check_range("data.val_fraction", self.val_fraction, 0, 0.9, integer=False, low_open=True)

@@ -133,6 +133,66 @@ def encode_instruction(records: list[dict], tokenizer, max_len: int, source: str
     return Dataset(examples)
 
 
+def encode_chat(records: list[dict], tokenizer, max_len: int, source: str = "data") -> Dataset:
+    """Chat records (``{"messages": [{"role": ..., "content": ...}, ...]}``) through the tokenizer's chat template
+    (a plain ``### Role:`` layout when it has none); only the assistant turns' tokens carry a loss."""
+    examples = []
+    for i, record in enumerate(records, 1):
+        messages = record["messages"]
+        if not messages or not all(isinstance(m, dict) and isinstance(m.get("content"), str) and m.get("role")
+                                   for m in messages):  # fmt: skip
+            raise ValueError(f"{source}: record {i}: messages must be a non-empty list of {{role, content}} objects")
+        ids, labels = [], []
+        for turn in range(len(messages)):
+            full = _render(tokenizer, messages[: turn + 1])
+            if full[: len(ids)] != ids:  # a template that rewrites earlier turns: mask by whole prefix instead
+                raise ValueError(f"{source}: record {i}: the chat template does not extend turn by turn")
+            new = full[len(ids) :]
+            labels += new if messages[turn]["role"] == "assistant" else [IGNORE_INDEX] * len(new)
+            ids = full
+        ids, labels = ids[:max_len], labels[:max_len]
+        if any(label != IGNORE_INDEX for label in labels):
+            examples.append({"input_ids": ids, "labels": labels})
+    if not examples:
+        raise ValueError(f"{source}: no example keeps an assistant token within max_seq_length={max_len}")
+    return Dataset(examples)
+
+
+def _render(tokenizer, messages: list[dict]) -> list[int]:
+    if tokenizer.chat_template:
+        return list(tokenizer.apply_chat_template(messages, tokenize=True))
+    text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def pack(dataset: Dataset, max_len: int) -> Dataset:
+    """Concatenate short examples into sequences of ``max_len`` tokens (each keeps its own loss mask), so batches
+    carry no padding; attention crosses example boundaries, as in the common constant-length packing."""
+    ids, labels, packed = [], [], []
+    for example in dataset.examples:
+        ids += example["input_ids"]
+        labels += example["labels"]
+        while len(ids) >= max_len:
+            packed.append({"input_ids": ids[:max_len], "labels": labels[:max_len]})
+            ids, labels = ids[max_len:], labels[max_len:]
+    if ids and any(label != IGNORE_INDEX for label in labels):
+        packed.append({"input_ids": ids, "labels": labels})
+    return Dataset(packed, dataset.labels)
+
+
+def _first_record(path: Path) -> dict:
+    with open(path, "rb") as f:
+        for raw in f:
+            if raw.strip():
+                try:
+                    record = json.loads(raw)
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    return {}  # read_jsonl reports it with its line number
+                return record if isinstance(record, dict) else {}
+    return {}
+
+
 def load_datasets(task: str, data, tokenizer, max_len: int, seed: int) -> tuple[Dataset, Dataset]:
     """Train and validation sets for ``task`` from ``data`` (a ``DataArgs``)."""
     if task == "sequence-classification":
@@ -141,18 +201,20 @@ def load_datasets(task: str, data, tokenizer, max_len: int, seed: int) -> tuple[
         source = str(data.train_path or "pydoc-topics")
     else:
         if data.train_path is None:
-            raise ValueError("task 'causal-lm' needs data.train_path: a JSONL file of instruction/input/output records")
-        schema = {"instruction": str, "output": str}
+            raise ValueError("task 'causal-lm' needs data.train_path: a JSONL file of instruction/input/output"
+                             " records or of chat records ({\"messages\": [...]})")  # fmt: skip
+        chat = "messages" in _first_record(data.train_path)
+        schema = {"messages": list} if chat else {"instruction": str, "output": str}
         records, source = read_jsonl(data.train_path, schema), str(data.train_path)
     if data.val_path:
         train, val = records, read_jsonl(data.val_path, schema)
     else:
         train, val = split(records, data.val_fraction, seed, stratify=task == "sequence-classification")
     if task == "causal-lm":
-        return (
-            encode_instruction(train, tokenizer, max_len, source),
-            encode_instruction(val, tokenizer, max_len, str(data.val_path or source)),
-        )
+        encode = encode_chat if chat else encode_instruction
+        train_set = encode(train, tokenizer, max_len, source)
+        val_set = encode(val, tokenizer, max_len, str(data.val_path or source))
+        return (pack(train_set, max_len), val_set) if getattr(data, "packing", False) else (train_set, val_set)
     labels = sorted({str(r["label"]) for r in train})
     if len(labels) < 2:
         raise ValueError(

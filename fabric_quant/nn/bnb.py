@@ -79,7 +79,7 @@ class _LoadMixin:
         """``torch.nn.Linear``'s initialisation, drawn in float and quantized on the weight's device."""
         weight = getattr(self, "weight", None)
         if not isinstance(weight, bnb.nn.Params4bit | bnb.nn.Int8Params) or weight.device.type == "meta":
-            return torch.nn.Linear.reset_parameters(self)  # during construction (a plain Parameter), or on meta
+            return super().reset_parameters()  # nn.Linear's, during construction (a plain Parameter) or on meta
         fresh = torch.empty(self.out_features, self.in_features, device=weight.device, dtype=self._float_dtype())
         torch.nn.init.kaiming_uniform_(fresh, a=math.sqrt(5))
         if self.bias is not None:

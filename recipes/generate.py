@@ -1,0 +1,126 @@
+"""Generate text with a causal LM: a base in any bitsandbytes mode or 16-bit, plus an optional LoRA adapter, or a
+merged folder written by the QLoRA recipe.
+
+    python recipes/generate.py --model.path DIR --quantize nf4-dq --prompt "Name the topic." --max_new_tokens 64
+    python recipes/generate.py --model.path DIR --adapter runs/qlora/final/adapter --prompt "..."
+    python recipes/generate.py --model.path runs/qlora/final/merged --quantize null --prompts_path prompts.jsonl
+    python recipes/generate.py --help
+
+Prompts are wrapped in the Alpaca template the QLoRA recipe trains with (``--template alpaca``), the model's chat
+template (``chat``) or used as they are (``none``). A prompts file is JSONL with one ``{"prompt": ...}`` (or
+``{"instruction": ..., "input": ...}``) per line. Tokens stream to the terminal; tokens/s and peak memory follow.
+"""
+
+from __future__ import annotations
+
+import resource
+from pathlib import Path
+from typing import Literal
+
+import torch
+from jsonargparse import CLI
+
+from fabric_quant.dtypes import parse_dtype
+from fabric_quant.finetune.args import ModelArgs, check_range
+from fabric_quant.finetune.data import read_jsonl
+from fabric_quant.finetune.generation import alpaca_prompt, generate
+from fabric_quant.finetune.model import load_model
+
+
+def _prompts(prompt: str | None, prompts_path: Path | None) -> list[tuple[str, str]]:
+    """(instruction, context) pairs from the command line or a JSONL file."""
+    if (prompt is None) == (prompts_path is None):
+        raise ValueError("give exactly one of --prompt and --prompts_path")
+    if prompt is not None:
+        return [(prompt, "")]
+    records = read_jsonl(prompts_path, {})
+    pairs = []
+    for i, r in enumerate(records, 1):
+        text = r.get("prompt", r.get("instruction"))
+        if not isinstance(text, str):
+            raise ValueError(f"{prompts_path}: record {i} has neither a 'prompt' nor an 'instruction' string")
+        pairs.append((text, r.get("input") or ""))
+    return pairs
+
+
+def _encode(tokenizer, instruction: str, context: str, template: str) -> list[int]:
+    if template == "chat":
+        if not tokenizer.chat_template:
+            raise ValueError("--template chat: this tokenizer has no chat template; use alpaca or none")
+        content = f"{instruction}\n\n{context}" if context else instruction
+        return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    text = alpaca_prompt(instruction, context) if template == "alpaca" else f"{instruction}{context}"
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
+    return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def setup(
+    model: ModelArgs = ModelArgs(task="causal-lm"),
+    quantize: str | None = "nf4-dq",
+    adapter: Path | None = None,
+    prompt: str | None = None,
+    prompts_path: Path | None = None,
+    template: Literal["alpaca", "chat", "none"] = "alpaca",
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    precision: Literal["bf16-true", "32-true", "16-true"] = "bf16-true",
+    accelerator: Literal["auto", "cpu", "cuda"] = "auto",
+    seed: int = 42,
+) -> list[dict]:
+    """Generate a continuation for each prompt and print it, with its speed.
+
+    Args:
+        model: the base (or merged) model folder; the task must be causal-lm.
+        quantize: a bitsandbytes mode the base is quantized with while loading, or null for 16-bit.
+        adapter: a LoRA adapter folder (PEFT format, e.g. the QLoRA recipe's final/adapter).
+        prompt: one prompt.
+        prompts_path: a JSONL file of prompts.
+        template: alpaca (the recipe's training format), chat (the tokenizer's chat template) or none.
+        max_new_tokens: tokens to generate per prompt.
+        temperature: 0 = greedy; > 0 samples.
+        top_p: nucleus sampling threshold (with temperature > 0).
+        precision: compute dtype of what is not quantized.
+        accelerator: cpu, cuda or auto.
+        seed: sampling seed.
+    """
+    from transformers import AutoTokenizer
+
+    if model.task != "causal-lm" or model.path is None:
+        raise ValueError("generate needs --model.path (a causal LM folder) and --model.task causal-lm")
+    check_range("max_new_tokens", max_new_tokens, 1)
+    check_range("temperature", temperature, 0, integer=False)
+    check_range("top_p", top_p, 0, 1, integer=False, low_open=True)
+    pairs = _prompts(prompt, prompts_path)
+    if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"adapter={str(adapter)!r} is not a PEFT adapter folder (no adapter_config.json)")
+    device = torch.device("cuda" if accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
+                          else "cpu")  # fmt: skip
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file()
+                                              else model.path)  # fmt: skip
+    net = load_model(model.path, "causal-lm", None, quantize, parse_dtype(precision), device, model.ignore_modules)
+    if adapter is not None:
+        from peft import PeftModel
+
+        from fabric_quant.checkpoint import load_tensors
+
+        for path in Path(adapter).glob("*.safetensors"):
+            load_tensors(path, require_checksums=False)  # checksums written by this package are verified
+        net = PeftModel.from_pretrained(net, adapter).eval()
+    results = []
+    for instruction, context in pairs:
+        print(f"\n>>> {instruction}{' | ' + context if context else ''}")
+        ids = _encode(tokenizer, instruction, context, template)
+        out = generate(net, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                       stream=True)  # fmt: skip
+        results.append({"prompt": instruction, **out})
+        print(f"[{out['new_tokens']} tokens, {out['tokens_per_s']:.1f} tokens/s]")
+    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
+    print(f"peak memory: {peak:.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
+    return results
+
+
+if __name__ == "__main__":
+    CLI(setup, as_positional=False)
