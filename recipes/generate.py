@@ -22,7 +22,7 @@ from jsonargparse import CLI
 
 from fabric_quant.dtypes import parse_dtype
 from fabric_quant.finetune.args import ModelArgs, check_range
-from fabric_quant.finetune.data import read_jsonl
+from fabric_quant.finetune.data import chat_ids, read_jsonl
 from fabric_quant.finetune.generation import alpaca_prompt, generate
 from fabric_quant.finetune.model import load_model
 
@@ -48,7 +48,7 @@ def _encode(tokenizer, instruction: str, context: str, template: str) -> list[in
         if not tokenizer.chat_template:
             raise ValueError("--template chat: this tokenizer has no chat template; use alpaca or none")
         content = f"{instruction}\n\n{context}" if context else instruction
-        return tokenizer.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+        return chat_ids(tokenizer, [{"role": "user", "content": content}], add_generation_prompt=True)
     text = alpaca_prompt(instruction, context) if template == "alpaca" else f"{instruction}{context}"
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + tokenizer(text, add_special_tokens=False)["input_ids"]

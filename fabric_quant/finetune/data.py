@@ -158,9 +158,15 @@ def encode_chat(records: list[dict], tokenizer, max_len: int, source: str = "dat
     return Dataset(examples)
 
 
+def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of ``messages`` through the tokenizer's chat template (transformers 5 returns a mapping)."""
+    out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
 def _render(tokenizer, messages: list[dict]) -> list[int]:
     if tokenizer.chat_template:
-        return list(tokenizer.apply_chat_template(messages, tokenize=True))
+        return chat_ids(tokenizer, messages)
     text = "".join(f"### {m['role'].capitalize()}:\n{m['content']}\n\n" for m in messages)
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
