@@ -18,7 +18,6 @@ load (RSS over the RSS after imports on CPU), peak memory of the whole run, step
 from __future__ import annotations
 
 import json
-import resource
 import subprocess
 import sys
 import tempfile
@@ -49,9 +48,9 @@ _BASELINE: dict[str, float] = {}  # the worker's memory after its imports
 
 def _peak_mb(device: str) -> float:
     """Peak memory so far: CUDA's allocator peak, or on CPU the process's peak RSS over its RSS after imports."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - _BASELINE.get("rss", 0.0)
+    from fabric_quant.report import peak_memory_mb
+
+    return peak_memory_mb(device) - (_BASELINE.get("rss", 0.0) if device == "cpu" else 0.0)
 
 
 def prepare(model: str, workdir: Path) -> tuple[Path | None, Path | None]:
@@ -166,8 +165,9 @@ def main(
             import transformers  # noqa: F401
 
             import fabric_quant  # noqa: F401  (the imports every arm pays; measured from here)
+            from fabric_quant.report import peak_rss_mb
 
-            _BASELINE["rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+            _BASELINE["rss"] = peak_rss_mb()
         result = worker(worker_arm, model, accelerator, steps, model_dir, data, gradient_checkpointing)
         print("RESULT " + json.dumps(result))
         return

@@ -134,6 +134,29 @@ def bar_panels(
     return draw
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident set size in MB. On Linux from ``/proc/self/status`` (VmHWM): ``getrusage``'s
+    ru_maxrss survives ``exec``, so a process started by a large parent reports the parent's size as its own."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    scale = 1024 if platform.system() == "Linux" else 1024 * 1024  # KiB on Linux, bytes on macOS
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale
+
+
+def peak_memory_mb(device: torch.device | str) -> float:
+    """Peak memory of this process on ``device``: CUDA's allocator peak, or the peak RSS."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return peak_rss_mb()
+
+
 def machine_name() -> str:
     """The CPU model (Linux), else what ``platform`` knows."""
     try:

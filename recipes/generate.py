@@ -13,7 +13,6 @@ template (``chat``) or used as they are (``none``). A prompts file is JSONL with
 
 from __future__ import annotations
 
-import resource
 from pathlib import Path
 from typing import Literal
 
@@ -25,6 +24,7 @@ from fabric_quant.finetune.args import ModelArgs, check_range
 from fabric_quant.finetune.data import chat_ids, read_jsonl
 from fabric_quant.finetune.generation import alpaca_prompt, generate
 from fabric_quant.finetune.model import load_model
+from fabric_quant.report import peak_memory_mb
 
 
 def _prompts(prompt: str | None, prompts_path: Path | None) -> list[tuple[str, str]]:
@@ -116,8 +116,7 @@ def setup(
                        stream=True)  # fmt: skip
         results.append({"prompt": instruction, **out})
         print(f"[{out['new_tokens']} tokens, {out['tokens_per_s']:.1f} tokens/s]")
-    peak = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda"
-            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # fmt: skip
+    peak = peak_memory_mb(device)
     print(f"peak memory: {peak:.0f} MB ({'CUDA allocated' if device.type == 'cuda' else 'process RSS'})")
     return results
 

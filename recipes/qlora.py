@@ -16,7 +16,6 @@ import hashlib
 import json
 import math
 import os
-import resource
 import shutil
 import time
 from dataclasses import asdict
@@ -47,6 +46,7 @@ from fabric_quant.finetune.state import (
     save_checkpoint,
 )
 from fabric_quant.models import minilm_path
+from fabric_quant.report import peak_memory_mb
 
 
 def setup(
@@ -186,7 +186,7 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
     with fabric.rank_zero_first():  # quantized while it loads (before LoRA: the adapters stay float)
         net = load_model(path, task, train_set.labels, plugin.mode if plugin else None, compute_dtype, fabric.device,
                          model_args.ignore_modules, progress=fabric.global_rank == 0)  # fmt: skip
-    load_time, memory_after_load = time.perf_counter() - load_start, _peak_memory_mb(fabric.device)
+    load_time, memory_after_load = time.perf_counter() - load_start, peak_memory_mb(fabric.device)
     heads = head_names(net, task)
     if train.gradient_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -296,7 +296,7 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
         "steps": step,
         "resumed_from_step": _ckpt_step(ckpt) if ckpt else None,
         "quantize": plugin.mode if plugin else None,
-        "peak_memory_mb": _peak_memory_mb(fabric.device),
+        "peak_memory_mb": peak_memory_mb(fabric.device),
         "load_time_s": load_time,
         "peak_memory_after_load_mb": memory_after_load,
         "throughput_examples_per_s": examples * fabric.world_size / train_time if train_time else None,
@@ -402,13 +402,6 @@ def _loggers(out_dir: Path) -> list:
         return [TensorBoardLogger(out_dir / "logs", name="tensorboard", version="")]
     except ModuleNotFoundError:
         return []
-
-
-def _peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    # ru_maxrss: peak resident set size of this process, in KiB on Linux
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _plain(value):
