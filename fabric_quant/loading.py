@@ -32,12 +32,16 @@ def checkpoint_files(path: Path) -> list[Path]:
 
 
 def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    """Every tensor of the checkpoint, one at a time (memory-mapped: only the tensor being handled is read)."""
+    """Every tensor of the checkpoint, one at a time (memory-mapped: only the tensor being handled is resident)."""
     from safetensors import safe_open
 
     for file in checkpoint_files(path):
         with safe_open(str(file), framework="pt", device="cpu") as f:
-            for key in f.keys():  # noqa: SIM118 (safe_open has keys(), not iteration)
+            keys = list(f.keys())
+        for key in keys:
+            # one mapping per tensor: the tensor views the mapped file, and a mapping held for the whole shard
+            # would keep every page the load has read resident until the shard ends (up to a shard's size)
+            with safe_open(str(file), framework="pt", device="cpu") as f:
                 yield key, f.get_tensor(key)
 
 
@@ -124,6 +128,7 @@ def from_pretrained(
             if not bool(torch.isfinite(tensor).all()):
                 raise ValueError(f"{path}: {key} holds non-finite values (NaN/inf): refusing to quantize it")
             module.quantize_(tensor.to(dtype), device)  # rounded to dtype first: equal to quantizing the loaded model
+            release_freed_memory()  # the float temporaries of this layer, before the next one
         else:
             # a copy the model owns: a tensor viewing the memory-mapped file would keep the whole mapped file
             # (every page the quantization read) resident for as long as the model lives
