@@ -14,3 +14,4 @@ nvidia-smi --query-gpu=name,memory.total --format=csv
 python -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py
 python benchmarks/gpu_check.py
 python benchmarks/qlora_resources.py --model llama-1b --accelerator cuda --steps 20
+python benchmarks/qlora_resources.py --model llama-1b --accelerator cuda --steps 20 --gradient_checkpointing true
