@@ -110,6 +110,7 @@ def from_pretrained(
                              " it cannot be quantized on its own: keep it in ignore_modules")  # fmt: skip
 
     names = set(model.state_dict())
+    computed = {name for name, _ in model.named_buffers()} - names  # non-persistent buffers
     prefix = getattr(model, "base_model_prefix", "")
     seen, unexpected = set(), []
     total = sum(_count(file) for file in files) if progress else None
@@ -119,7 +120,8 @@ def from_pretrained(
         bar.update(1)
         name = _model_key(key, names, prefix)
         if name is None:
-            unexpected.append(key)
+            if _model_key(key, computed, prefix) is None:  # not a table the model builds itself (old position_ids)
+                unexpected.append(key)
             continue
         seen.add(name)
         module_name, _, attr = name.rpartition(".")
