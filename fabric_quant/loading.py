@@ -127,9 +127,9 @@ def from_pretrained(
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         if isinstance(module, QuantizedLinear) and attr == "weight":
-            if not bool(torch.isfinite(tensor).all()):
-                raise ValueError(f"{path}: {key} holds non-finite values (NaN/inf): refusing to quantize it")
             module.quantize_(tensor.to(dtype), device)  # rounded to dtype first: equal to quantizing the loaded model
+            if not module.statistics_finite():  # checked on the block statistics: cheaper than every weight
+                raise ValueError(f"{path}: {key} holds non-finite values (NaN/inf): refusing to quantize it")
             release_freed_memory()  # the float temporaries of this layer, before the next one
         else:
             # a copy the model owns: a tensor viewing the memory-mapped file would keep the whole mapped file

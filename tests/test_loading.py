@@ -116,3 +116,16 @@ def test_from_pretrained_bad_input(tmp_path):
         from_pretrained(path, "nf5")
     with pytest.raises(ValueError, match="shares the input embedding's weight"):
         from_pretrained(path, "nf4", ignore_modules=(), progress=False)
+
+
+@pytest.mark.parametrize("mode", ["nf4", "nf4-dq", "int8"])
+def test_from_pretrained_refuses_non_finite_weights(mode, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    path = _tiny_llama(tmp_path / "llama", shard="10MB")
+    tensors = load_file(path / "model.safetensors")
+    key = "model.layers.1.mlp.down_proj.weight"
+    tensors[key][3, 5] = float("inf")
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=rf"{key} holds non-finite values \(NaN/inf\): refusing to quantize it"):
+        from_pretrained(path, mode, progress=False)

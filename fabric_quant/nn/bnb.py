@@ -174,6 +174,12 @@ class Linear4bit(_LoadMixin, bnb.nn.Linear4bit, QuantizedLinear):
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_4bit(self.weight.data, self.weight.quant_state).float()
 
+    def statistics_finite(self) -> bool:
+        """Whether the quantized weight came from finite values: a NaN/inf in a block makes its absmax (and with
+        double quantization the nested absmax) non-finite. A few hundred values to check instead of every weight."""
+        state = self.weight.quant_state
+        return bool(torch.isfinite(state.state2.absmax if state.nested else state.absmax).all())
+
     def weight_storage(self) -> Storage:
         data, state = self.weight.data, self.weight.quant_state
         per_weight = data.numel() * data.element_size() + state.absmax.numel() * state.absmax.element_size()
@@ -279,6 +285,11 @@ class Linear8bit(_LoadMixin, bnb.nn.Linear8bitLt, QuantizedLinear):
         if not self.state.has_fp16_weights:
             self.weight.data = self.state.CB
         return out
+
+    def statistics_finite(self) -> bool:
+        """Whether the weight is finite: a NaN/inf in a row makes that row's scale (SCB) non-finite."""
+        data = self.weight.data if self.state.has_fp16_weights else self._scb()
+        return bool(torch.isfinite(data).all())
 
     def _scb(self) -> torch.Tensor:
         return self.weight.SCB if getattr(self.weight, "SCB", None) is not None else self.state.SCB
