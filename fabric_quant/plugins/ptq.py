@@ -28,17 +28,15 @@ class PTQPrecision(LightningPrecision):
         ignore_modules: Iterable[str] | None = None,
     ) -> None:
         self.mode = mode
-        self.options = ptq_options(
-            mode, calibration_data=calibration_data, observer=observer, per_channel=per_channel, backend=backend,
-            ignore_modules=ignore_modules,
-        )  # fmt: skip
-        self.dtype, self.backend = self.options["dtype"], self.options["backend"]
+        self.kwargs = {"calibration_data": calibration_data, "observer": observer, "per_channel": per_channel,
+                       "backend": backend, "ignore_modules": ignore_modules}  # fmt: skip
+        resolved = ptq_options(mode, **self.kwargs)  # validated before Lightning sets anything up
+        self.dtype, self.backend = resolved["dtype"], resolved["backend"]
 
     @override
     def convert_module(self, module: torch.nn.Module) -> torch.nn.Module:
         # in place: Lightning keeps a reference to the module it was given
-        options = {k: v for k, v in self.options.items() if k != "dtype"}
-        return quantize_ptq(module, self.mode, **options)
+        return quantize_ptq(module, self.mode, **self.kwargs)
 
     @override
     def convert_input(self, data: Any) -> Any:
