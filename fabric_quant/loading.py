@@ -112,7 +112,7 @@ def from_pretrained(
     names = set(model.state_dict())
     computed = {name for name, _ in model.named_buffers()} - names  # non-persistent buffers
     prefix = getattr(model, "base_model_prefix", "")
-    seen, unexpected = set(), []
+    unexpected = []
     total = sum(_count(file) for file in files) if progress else None
     bar = tqdm(total=total, desc=f"load {path.name}" + (f" as {mode}" if mode else ""), unit="tensor",
                disable=not progress, leave=False)  # fmt: skip
@@ -123,7 +123,6 @@ def from_pretrained(
             if _model_key(key, computed, prefix) is None:  # not a table the model builds itself (old position_ids)
                 unexpected.append(key)
             continue
-        seen.add(name)
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
         if isinstance(module, QuantizedLinear) and attr == "weight":
