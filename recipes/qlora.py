@@ -35,6 +35,7 @@ from fabric_quant.finetune import data as fdata
 from fabric_quant.finetune.args import DataArgs, EvalArgs, LoRAArgs, ModelArgs, TrainArgs, check_range
 from fabric_quant.finetune.generation import generate
 from fabric_quant.finetune.log import StepLog
+from fabric_quant.finetune.loss import SUPPORTED, ChunkedLossLM, fused_head_supported
 from fabric_quant.finetune.model import add_lora, head_names, load_model, save_merged
 from fabric_quant.finetune.optim import build_optimizer, check_optimizer, warmup_cosine
 from fabric_quant.finetune.state import (
@@ -191,7 +192,7 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
     if train.gradient_checkpointing:
         net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_model = add_lora(net, task, lora, heads)
-    model = fabric.setup_module(peft_model)
+    model = fabric.setup_module(_with_loss(peft_model, task, train.loss_chunk_tokens, fabric))
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = fabric.setup_optimizers(
         build_optimizer(train.optimizer, params, train.lr, train.weight_decay, fabric.device)
@@ -331,6 +332,18 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
         _print_summary(metrics, out_dir)
     fabric.barrier()
     return metrics
+
+
+def _with_loss(peft_model, task: str, chunk: int | None, fabric):
+    """The module trained: the PEFT model, wrapped to compute the causal-LM loss in chunks where supported."""
+    if task != "causal-lm" or chunk is None:
+        return peft_model
+    if not fused_head_supported(peft_model):
+        model_type = getattr(peft_model.config, "model_type", None)
+        fabric.print(f"train.loss_chunk_tokens: {model_type!r} with this output head is not supported by the chunked"
+                     f" loss (supported: {', '.join(SUPPORTED)}, frozen nn.Linear head); using the model's own loss")
+        return peft_model
+    return ChunkedLossLM(peft_model, chunk)
 
 
 def _ckpt_step(ckpt: Path) -> int:

@@ -94,6 +94,10 @@ class TrainArgs:
     """Gradient clipping norm; null disables clipping."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    loss_chunk_tokens: int | None = 256
+    """causal-lm: compute the output head and loss this many tokens at a time, with the hidden-state gradient made
+    in the same pass (no tokens x vocabulary tensor kept; frozen plain heads of supported architectures, else the
+    model's own loss); null: the model's own loss."""
     optimizer: Literal["adamw", "adamw8bit", "paged_adamw", "paged_adamw8bit"] = "adamw"
     """torch AdamW, bitsandbytes 8-bit AdamW, or bitsandbytes paged (CUDA-only) variants."""
     log_interval: int = 5
@@ -106,6 +110,7 @@ class TrainArgs:
             check_range(f"train.{name}", getattr(self, name), 1)
         check_range("train.max_steps", self.max_steps, 1, none=True)
         check_range("train.save_interval", self.save_interval, 1, none=True)
+        check_range("train.loss_chunk_tokens", self.loss_chunk_tokens, 1, none=True)
         check_range("train.warmup_steps", self.warmup_steps, 0)
         check_range("train.lr", self.lr, 0, integer=False, low_open=True)
         check_range("train.min_lr", self.min_lr, 0, self.lr, integer=False)
