@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 from lightning.fabric.wrappers import _unwrap_objects
 
-from fabric_quant.nn.base import QuantizedLinear
+from fabric_quant.nn.base import QuantizedLinear, local
 
 
 @dataclass(frozen=True)
@@ -88,22 +88,24 @@ class Footprint:
 
 
 def _nbytes(tensor: torch.Tensor) -> int:
+    tensor = local(tensor)
     return tensor.numel() * tensor.element_size()
 
 
 def footprint(model: torch.nn.Module) -> Footprint:
-    """Count the bytes of every parameter and buffer (shared tensors once), per layer."""
+    """Count the bytes of every parameter and buffer (shared tensors once), per layer. On a sharded (FSDP) model:
+    the bytes this rank holds, over the logical (whole) number of parameters."""
     model = _unwrap_objects(model)
     seen: set[int] = set()
     layers = []
     for name, module in model.named_modules():
         tensors = []
         for key, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            if t is None or (t.device.type != "meta" and t.data_ptr() in seen):
+            if t is None or (t.device.type != "meta" and local(t).data_ptr() in seen):
                 continue  # a view of memory already counted (e.g. the int8 Linear's transposed weight), or tied
             tensors.append((key, t))
             if t.device.type != "meta":
-                seen.add(t.data_ptr())
+                seen.add(local(t).data_ptr())
         storage = module.weight_storage() if isinstance(module, QuantizedLinear) else None
         if not tensors and storage is None:
             continue

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from fabric_quant.dtypes import parse_dtype
+from fabric_quant.memory import release_freed_memory
 from fabric_quant.modules import cast_float_rest
 from fabric_quant.nn.base import QuantizedLinear
 
@@ -146,19 +147,6 @@ def from_pretrained(
     cast_float_rest(model, dtype)
     release_freed_memory()
     return model
-
-
-def release_freed_memory() -> None:
-    """Hand the heap memory freed by the load (one float tensor after another) back to the operating system.
-    glibc keeps freed blocks for reuse and its mmap threshold grows with large frees, so without this a process
-    keeps holding about as much as the temporaries needed; elsewhere this does nothing."""
-    import contextlib
-    import ctypes
-    import platform
-
-    if platform.system() == "Linux":
-        with contextlib.suppress(OSError, AttributeError):  # not glibc (e.g. musl): nothing to trim
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def _count(file: Path) -> int:

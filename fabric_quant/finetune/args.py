@@ -125,6 +125,17 @@ class TrainArgs:
 
 
 @dataclass
+class FSDPArgs:
+    """Options of ``strategy: fsdp`` (FSDP2: each transformer block and then the root sharded over the processes;
+    activation checkpointing is ``train.gradient_checkpointing``)."""
+
+    cpu_offload: bool = False
+    """CUDA: keep parameters, gradients and optimizer state in host memory between uses (FSDP2 CPUOffloadPolicy)."""
+    reshard_after_forward: bool = True
+    """Free each gathered block after its forward (ZeRO-3); false keeps it until backward (faster, more memory)."""
+
+
+@dataclass
 class EvalArgs:
     interval: int | None = 50
     """Optimizer steps between evaluations; null: evaluate only at the end."""

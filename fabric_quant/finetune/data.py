@@ -261,6 +261,7 @@ def epoch_micro_batches(n: int, micro: int, seed: int, epoch: int, rank: int, wo
 
 
 def eval_batches(n: int, micro: int, rank: int, world: int) -> list[list[int]]:
-    """Every example exactly once over all ranks (the last batches may be short or empty)."""
+    """Every example exactly once over all ranks, the same number of batches on each (the last may be short or
+    empty: a sharded model's forward is collective, so every rank must run as many)."""
     mine = list(range(rank, n, world))
-    return [mine[i : i + micro] for i in range(0, len(mine), micro)]
+    return [mine[i : i + micro] for i in range(0, -(-n // world), micro)]

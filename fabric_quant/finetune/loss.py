@@ -12,7 +12,7 @@ summation order (same bf16 matmuls, fp32 log-softmax; tests compare them).
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
+from torch.nn import functional
 
 IGNORE_INDEX = -100
 # Architectures whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)` (no logit scaling or
@@ -43,7 +43,7 @@ def _chunked(hidden, weight, bias, targets, chunk: int, want_grad: bool):
     grad = torch.empty_like(hidden) if want_grad else None
     for start in range(0, targets.numel(), chunk):
         h, y = hidden[start : start + chunk], targets[start : start + chunk]
-        logits = F.linear(h, weight, bias).float()  # what transformers' loss sees: bf16 matmul, fp32 softmax
+        logits = functional.linear(h, weight, bias).float()  # what transformers' loss sees: bf16 matmul, fp32 softmax
         lse = torch.logsumexp(logits, dim=-1)
         total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
         if want_grad:

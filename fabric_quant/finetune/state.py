@@ -26,12 +26,56 @@ RUN = "run.json"
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {name: p.detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
+    """The trained tensors, whole: sharded (FSDP) ones are gathered, so every rank must call it."""
+    from torch.distributed.tensor import DTensor
+
+    def whole(p: torch.Tensor) -> torch.Tensor:
+        return (p.full_tensor() if isinstance(p, DTensor) else p).detach().contiguous()
+
+    return {name: whole(p) for name, p in model.named_parameters() if p.requires_grad}
 
 
-def save_adapter(peft_model, folder: Path) -> None:
-    """The adapter in PEFT format, its tensors' checksums added to the safetensors metadata (peft ignores them)."""
-    peft_model.save_pretrained(folder, safe_serialization=True)
+def set_whole(param: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter; a sharded one keeps its own shard (cut locally, no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
+        param.to_local().copy_(value.to_local())
+    else:
+        param.copy_(value)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
+    """The optimizer's state dict; for a sharded model the whole state keyed by parameter name (collective)."""
+    if not is_sharded(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), options=options)
+
+
+def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
+    if not is_sharded(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(model, getattr(optimizer, "optimizer", optimizer), state,
+                             options=StateDictOptions(full_state_dict=True))  # fmt: skip
+
+
+def save_adapter(peft_model, folder: Path, trainable: dict[str, torch.Tensor] | None = None) -> None:
+    """The adapter in PEFT format, its tensors' checksums added to the safetensors metadata (peft ignores them).
+    ``trainable``: the gathered tensors of a sharded model (from :func:`trainable_state`)."""
+    peft_model.save_pretrained(folder, safe_serialization=True, state_dict=trainable)
     for path in folder.glob("*.safetensors"):
         save_tensors(path, load_tensors(path, require_checksums=False), read_metadata(path))
 
@@ -40,13 +84,14 @@ def save_checkpoint(fabric, ckpt_root: Path, step: int, peft_model, optimizer, s
     """Collective call (every rank gathers its RNG state); rank 0 writes ``ckpt_root/step-NNNNNN``. ``run`` holds
     the run's fingerprint and progress (JSON), checked and restored on resume."""
     rng = fabric.all_gather(torch.get_rng_state()).reshape(fabric.world_size, -1).cpu()
+    trainable, optim = trainable_state(peft_model), optimizer_state(peft_model, optimizer)  # collective if sharded
     target = ckpt_root / f"step-{step:06d}"
     if fabric.global_rank == 0:
 
         def write(tmp: Path) -> None:
-            save_adapter(peft_model, tmp / "adapter")
-            save_tensors(tmp / "trainable.safetensors", trainable_state(peft_model))
-            state = {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "rng": rng}
+            save_adapter(peft_model, tmp / "adapter", trainable)
+            save_tensors(tmp / "trainable.safetensors", trainable)
+            state = {"step": step, "optimizer": optim, "scheduler": scheduler.state_dict(), "rng": rng}
             torch.save(state, tmp / "training_state.pt")
             (tmp / RUN).write_text(json.dumps(run, indent=1, allow_nan=False))
             write_manifest(tmp)
@@ -106,22 +151,22 @@ def load_checkpoint(fabric, path: Path, peft_model, optimizer, scheduler) -> int
     verify_manifest(path)
     tensors = load_tensors(path / "trainable.safetensors", fabric.device)
     params = dict(peft_model.named_parameters())
-    expected = trainable_state(peft_model)
+    expected = {name: p.shape for name, p in params.items() if p.requires_grad}  # a DTensor's shape is the whole one
     missing = sorted(set(expected) - set(tensors))
     if missing:
         raise ValueError(f"{path} does not match this model: no saved values for {missing[:3]}")
-    wrong = [f"{k}: saved {tuple(v.shape)}, model {tuple(expected[k].shape)}" for k, v in tensors.items()
-             if k in expected and v.shape != expected[k].shape]  # fmt: skip (copy_ would broadcast)
+    wrong = [f"{k}: saved {tuple(v.shape)}, model {tuple(expected[k])}" for k, v in tensors.items()
+             if k in expected and v.shape != expected[k]]  # fmt: skip (copy_ would broadcast)
     if wrong or set(tensors) - set(expected):
         raise ValueError(f"{path} does not match this model: {wrong[:3] or sorted(set(tensors) - set(expected))[:3]}")
     with torch.no_grad():
         for name, value in tensors.items():
-            params[name].copy_(value)
+            set_whole(params[name], value)
     state = torch.load(path / "training_state.pt", map_location=fabric.device, weights_only=True)
-    optimizer.load_state_dict(state["optimizer"])
+    load_optimizer_state(peft_model, optimizer, state["optimizer"])
     scheduler.load_state_dict(state["scheduler"])
     rng = state["rng"]
     if rng.shape[0] != fabric.world_size:
         raise ValueError(f"{path} was written by {rng.shape[0]} processes; this run has {fabric.world_size}")
-    torch.set_rng_state(rng[fabric.global_rank].to(torch.uint8).cpu())
+    torch.set_rng_state(rng[fabric.global_rank].to(torch.uint8).cpu().clone())  # a row view: its offset is ignored
     return int(state["step"])

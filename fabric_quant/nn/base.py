@@ -12,6 +12,13 @@ from dataclasses import dataclass
 import torch
 
 
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a sharded (FSDP2 DTensor) tensor, or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 @dataclass(frozen=True)
 class Storage:
     """How many bytes a quantized weight takes, split the way QLoRA accounts for it."""

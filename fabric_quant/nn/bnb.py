@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from fabric_quant._bnb import import_bitsandbytes
-from fabric_quant.nn.base import QuantizedLinear, Storage
+from fabric_quant.nn.base import QuantizedLinear, Storage, local
 
 bnb = import_bitsandbytes()
 from bitsandbytes.functional import dequantize_4bit  # noqa: E402
@@ -171,6 +171,13 @@ class Linear4bit(_LoadMixin, bnb.nn.Linear4bit, QuantizedLinear):
             self.quantize_(device=x.device)
         return super().forward(x)
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if getattr(self.weight, "quant_state", None) is None and self.quant_state is not None:
+            # sharded (FSDP2): the weight is a DTensor now; the statistics live on the module (fabric_quant.fsdp)
+            for key, value in self.quant_state.as_dict(packed=True).items():
+                destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
+
     def dequantized_weight(self) -> torch.Tensor:
         return dequantize_4bit(self.weight.data, self.weight.quant_state).float()
 
@@ -181,7 +188,8 @@ class Linear4bit(_LoadMixin, bnb.nn.Linear4bit, QuantizedLinear):
         return bool(torch.isfinite(state.state2.absmax if state.nested else state.absmax).all())
 
     def weight_storage(self) -> Storage:
-        data, state = self.weight.data, self.weight.quant_state
+        # sharded (FSDP2): this rank's bytes of the packed weight; the statistics stay whole on the module
+        data, state = local(self.weight.data), getattr(self.weight, "quant_state", None) or self.quant_state
         per_weight = data.numel() * data.element_size() + state.absmax.numel() * state.absmax.element_size()
         tables = state.code.numel() * state.code.element_size()
         if state.nested:

@@ -1,0 +1,205 @@
+"""Sharding a model with bitsandbytes 4-bit layers over processes (FSDP2, ``torch.distributed.fsdp.fully_shard``).
+
+Why FSDP2 and not FSDP1: FSDP2 shards each parameter on its own (a DTensor per parameter), so the packed 4-bit
+weights keep their uint8 storage next to float parameters. FSDP1 flattens every parameter of a unit into one buffer
+of one dtype, so the packed bytes must be stored as bf16 (bitsandbytes' ``quant_storage``) — where NaN bit patterns
+can be rewritten in transit (bitsandbytes #1945) — and Fabric refuses FSDP1 on CPU. Only uint8 storage is accepted
+here, so that failure cannot happen; :func:`packed_digest` compares packed bytes where a check is wanted.
+
+What FSDP2 does not know about bitsandbytes, and is handled here:
+- the quantization statistics (absmax, nested statistics, quant map) live in a ``QuantState`` attached to the
+  ``Params4bit`` weight; sharding replaces the weight with a plain DTensor parameter and the state survives only on
+  the module (``module.quant_state``, from which bitsandbytes restores it in forward). :func:`full_state_dict` and
+  the layer's ``_save_to_state_dict`` (fabric_quant.nn.bnb) read it from there, so gathered checkpoints are complete;
+- a layer must be quantized before it is sharded (a float weight sharded first can never be quantized again):
+  :func:`shard_model` refuses float bitsandbytes layers.
+Every function that gathers or scatters is collective: all ranks call it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from fabric_quant.checkpoint import load_tensors, save_tensors
+from fabric_quant.nn.base import local, quantized_layers
+from fabric_quant.nn.bnb import Linear4bit
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks (one FSDP unit each): the classes transformers names in ``_no_split_modules``."""
+    names = set().union(*(getattr(m, "_no_split_modules", None) or () for m in model.modules()))
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__} holds no transformers model naming its block class (_no_split_modules); pass"
+            " blocks=[...] to shard_model"
+        )
+    return blocks
+
+
+def check_shardable(model: torch.nn.Module) -> None:
+    """Every quantized layer must be a 4-bit one, already quantized, with uint8 storage."""
+    for name, layer in quantized_layers(model):
+        mode = getattr(layer, "fq_mode", type(layer).__name__)
+        if not isinstance(layer, Linear4bit):
+            raise ValueError(f"layer {name!r} ({mode}): only the 4-bit bitsandbytes modes can be sharded (nf4,"
+                             " nf4-dq, fp4, fp4-dq); int8 layers keep their scales in the parameter FSDP replaces")
+        if not layer.is_quantized():
+            raise ValueError(f"layer {name!r} is not quantized yet: quantize (e.g. fq.from_pretrained(path, mode))"
+                             " before sharding; a sharded float weight cannot be quantized")  # fmt: skip
+        if layer.weight.dtype != torch.uint8:
+            raise ValueError(f"layer {name!r} stores its packed weight as {layer.weight.dtype}; FSDP2 shards uint8"
+                             " storage as it is (quant_storage=torch.uint8): float storage risks NaN rewriting")
+
+
+def shard_model(model: torch.nn.Module, mesh=None, *, blocks: list[torch.nn.Module] | None = None,
+                reshard_after_forward: bool = True, cpu_offload: bool = False) -> torch.nn.Module:  # fmt: skip
+    """``fully_shard`` each transformer block, then the root (embedding, head, final norm), over ``mesh`` (default:
+    all ranks). ``cpu_offload``: parameters, gradients and optimizer state live on the CPU between uses (CUDA)."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    check_shardable(model)
+    policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+    kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "offload_policy": policy}
+    for block in blocks if blocks is not None else transformer_blocks(model):
+        fully_shard(block, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+@contextmanager
+def gathered_root(model: torch.nn.Module) -> Iterator[None]:
+    """Keep the root unit's parameters (embedding, final norm, head) gathered: for calls that use submodules
+    directly instead of the root's forward, e.g. transformers' ``generate`` (each block still gathers its own).
+    Collective: every rank must make the same calls inside."""
+    from torch.distributed.fsdp import FSDPModule
+
+    root = next((m for m in model.modules() if isinstance(m, FSDPModule)), None)
+    if root is not None:
+        root.unshard()
+    try:
+        yield
+    finally:
+        if root is not None:
+            root.reshard()
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def iter_full_state(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's state dict (quantization statistics included), each sharded tensor gathered in turn."""
+    for key, value in model.state_dict().items():
+        yield key, _full(value).detach()
+
+
+def full_state_dict(model: torch.nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
+    """The unsharded state dict on CPU (on rank 0 only, unless ``rank0_only=False``), one tensor gathered at a
+    time so no rank holds more than the result and one tensor in flight."""
+    keep = not rank0_only or _rank() == 0
+    return {key: value.cpu() for key, value in iter_full_state(model) if keep}
+
+
+def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Load an unsharded state dict (from :func:`full_state_dict` or ``save_quantized``) into a sharded model: every
+    rank holds ``state`` and keeps its own shard of each tensor; the 4-bit statistics go to the layers' module
+    quant state. The model must already be quantized with the same modes (same packed shapes)."""
+    from bitsandbytes.functional import QuantState
+
+    state = dict(state)
+    for name, layer in quantized_layers(model):
+        key = f"{name}.weight"
+        stats = {k[len(key) + 1 :]: state.pop(k) for k in list(state) if k.startswith(key + ".")}
+        if not stats:
+            raise ValueError(f"{key}: no quantization statistics in the state dict; expected a quantized checkpoint")
+        layer.quant_state = QuantState.from_dict(stats, device=local(layer.weight).device)
+        if getattr(layer.weight, "quant_state", None) is not None:  # an unsharded Params4bit
+            layer.weight.quant_state = layer.quant_state
+    saved = set(model.state_dict())  # persistent tensors only (not e.g. rotary tables the model computes)
+    own = {k: v for k, v in [*model.named_parameters(), *model.named_buffers()] if k in saved}
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise ValueError(f"state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for key, target in own.items():
+            source = state[key].to(device=local(target).device, dtype=target.dtype)
+            if isinstance(target, DTensor):  # every rank has the whole tensor: cut locally, no communication
+                source = distribute_tensor(source, target.device_mesh, target.placements, src_data_rank=None)
+            if tuple(source.shape) != tuple(target.shape):
+                raise ValueError(f"{key}: shape {tuple(source.shape)} in the state dict, {tuple(target.shape)} in the"
+                                 " model")  # fmt: skip
+            local(target).copy_(local(source))
+
+
+def packed_digest(model: torch.nn.Module) -> str:
+    """SHA-256 over every 4-bit layer's gathered packed bytes and statistics (collective): equal digests, equal
+    quantized weights. Compared as bytes, never as floats (a NaN pattern is unequal to itself)."""
+    digest = hashlib.sha256()
+    for name, layer in quantized_layers(model):
+        digest.update(name.encode())
+        digest.update(_full(layer.weight).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        for key, value in sorted(layer.quant_state.as_dict(packed=True).items()):
+            digest.update(key.encode() + value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def save_sharded(model: torch.nn.Module, folder: str | Path) -> Path:
+    """Each rank writes its own shards (``rank-R-of-N.safetensors``, with checksums); rank 0 adds what is not
+    sharded (buffers, quantization statistics). Reloaded by :func:`load_sharded` on the same number of ranks."""
+    folder = Path(folder)
+    rank, world = _rank(), dist.get_world_size() if dist.is_initialized() else 1
+    tensors = {}
+    for key, value in model.state_dict().items():
+        if isinstance(value, DTensor):
+            tensors[key] = value.to_local().detach().cpu().contiguous()
+        elif rank == 0:
+            tensors[key] = value.detach().cpu()
+    if rank == 0:
+        folder.mkdir(parents=True, exist_ok=True)
+    if dist.is_initialized():
+        dist.barrier()
+    save_tensors(folder / f"rank-{rank:05d}-of-{world:05d}.safetensors", tensors, {"world_size": str(world)})
+    if dist.is_initialized():
+        dist.barrier()
+    return folder
+
+
+def load_sharded(model: torch.nn.Module, folder: str | Path) -> None:
+    """Load :func:`save_sharded` output into a model sharded the same way (same world size, same modes)."""
+    from bitsandbytes.functional import QuantState
+
+    folder = Path(folder)
+    rank, world = _rank(), dist.get_world_size() if dist.is_initialized() else 1
+    files = sorted(folder.glob("rank-*-of-*.safetensors"))
+    expected = [folder / f"rank-{r:05d}-of-{world:05d}.safetensors" for r in range(world)]
+    if files != expected:
+        raise ValueError(f"{folder} holds shards {[f.name for f in files]}; {world} rank(s) need"
+                         f" {[f.name for f in expected]}")  # fmt: skip
+    mine = load_tensors(expected[rank])
+    shared = mine if rank == 0 else load_tensors(expected[0])
+    for name, layer in quantized_layers(model):
+        key = f"{name}.weight"
+        stats = {k[len(key) + 1 :]: v for k, v in shared.items() if k.startswith(key + ".")}
+        layer.quant_state = QuantState.from_dict(stats, device=local(layer.weight).device)
+    with torch.no_grad():
+        saved = set(model.state_dict())
+        for key, target in [*model.named_parameters(), *model.named_buffers()]:
+            if key not in saved:
+                continue
+            source = mine[key] if isinstance(target, DTensor) else shared[key]
+            if tuple(source.shape) != tuple(local(target).shape):
+                raise ValueError(f"{key}: shard shape {tuple(source.shape)} != {tuple(local(target).shape)}")
+            local(target).copy_(source)

@@ -1,0 +1,198 @@
+"""Sharded QLoRA: FSDP2 over two CPU processes (gloo) with a 4-bit base."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}  # same threads in every process: bitwise-stable CPU kernels
+
+
+@pytest.fixture
+def llama_dir(tmp_path):
+    from conftest import save_tiny_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    return save_tiny_model(
+        tmp_path / "tiny-llama", LlamaForCausalLM, LlamaConfig, hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def inst_data(tmp_path):
+    from fabric_quant.data import topic_paragraphs
+
+    records = [{"instruction": f"Name the topic of paragraph {i}.", "input": text[:40], "output": topic}
+               for i, (topic, text) in enumerate(topic_paragraphs()[:40])]  # fmt: skip
+    path = tmp_path / "inst.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+def _args(model_dir, data, out, *extra):
+    # micro-batches of one example: two ranks then see exactly the examples one process sees in a step
+    return [sys.executable, str(ROOT / "recipes" / "qlora.py"), "--model.path", str(model_dir), "--model.task",
+            "causal-lm", "--data.train_path", str(data), "--out_dir", str(out), "--precision", "32-true",
+            "--accelerator", "cpu", "--lora.dropout", "0.0", "--lora.r", "4", "--train.micro_batch_size", "1",
+            "--train.global_batch_size", "2", "--train.max_seq_length", "96", "--train.lr", "0.005",
+            "--train.warmup_steps", "1", "--train.max_steps", "6", "--train.save_interval", "2",
+            "--eval.interval", "null", "--eval.initial", "false", "--train.log_interval", "1", *extra]  # fmt: skip
+
+
+def _run(args, **kwargs):
+    proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=600, **kwargs)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def _losses(out: Path) -> list[float]:
+    from fabric_quant.finetune.log import read_log
+
+    return [float(r["train_loss"]) for r in read_log(out / "logs" / "csv" / "metrics.csv") if r["train_loss"]]
+
+
+def _adapter(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "adapter" / "adapter_model.safetensors")
+
+
+@pytest.mark.slow
+def test_fsdp_two_processes_equal_one_process_and_resume_exactly(llama_dir, inst_data, tmp_path):
+    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    _run(_args(llama_dir, inst_data, one, "--merge", "true"))
+    _run(_args(llama_dir, inst_data, fsdp, "--devices", "2", "--strategy", "fsdp", "--merge", "true"))
+    # fp32 compute: the sharded run is the one-process run (same examples per step; gradients averaged over ranks
+    # equal the accumulated ones up to summation order)
+    assert _losses(fsdp) == pytest.approx(_losses(one), rel=1e-6, abs=1e-7)
+    a, b = _adapter(one), _adapter(fsdp)
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=1e-7, msg=key)
+    merged_a = load_file(next((one / "final" / "merged").glob("model-*.safetensors")))
+    merged_b = load_file(next((fsdp / "final" / "merged").glob("model-*.safetensors")))
+    for key in merged_a:
+        torch.testing.assert_close(merged_b[key], merged_a[key], rtol=1e-5, atol=1e-6, msg=key)
+    metrics = json.loads((fsdp / "metrics.json").read_text())
+    assert metrics["sample_generation"]["new_tokens"] > 0
+
+    # killed after a checkpoint, resumed: ends where the uninterrupted sharded run ends
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_args(llama_dir, inst_data, killed, "--devices", "2", "--strategy", "fsdp",
+                                  "--merge", "false"), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)  # fmt: skip
+    pointer = killed / "checkpoints" / "latest.json"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (pointer.exists() and json.loads(pointer.read_text())["step"] >= 2):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # both ranks
+    proc.wait()
+    step = json.loads(pointer.read_text())["step"]
+    assert 2 <= step < 6 and not (killed / "metrics.json").exists()
+    _run(_args(llama_dir, inst_data, killed, "--devices", "2", "--strategy", "fsdp", "--merge", "false",
+               "--resume", "auto"))  # fmt: skip
+    assert _losses(killed) == _losses(fsdp)
+    for key, value in _adapter(fsdp).items():
+        assert torch.equal(_adapter(killed)[key], value), key
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (["--quantize", "int8"], "only the 4-bit modes can be sharded"),
+        (["--fsdp.cpu_offload", "true"], "needs CUDA"),
+        (["--strategy", "fsdp_cpu"], "FSDP runs as strategy='fsdp'"),
+    ],
+)
+def test_fsdp_bad_options_are_refused_before_any_output(llama_dir, inst_data, tmp_path, extra, match):
+    out = tmp_path / "bad"
+    args = _args(llama_dir, inst_data, out, "--devices", "2", "--strategy", "fsdp", *extra)
+    proc = subprocess.run(args, env=ENV, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and match in proc.stderr
+    assert not out.exists()
+
+
+_LIBRARY = """
+import sys, torch, torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+import fabric_quant as fq
+from fabric_quant import fsdp
+
+path, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+mesh = init_device_mesh("cpu", (2,))
+
+def build():
+    return fq.from_pretrained(path, mode, dtype=torch.float32, progress=False)
+
+reference = build()
+ids = torch.arange(3, 19).reshape(2, 8)
+expected = reference(input_ids=ids).logits
+digest = fsdp.packed_digest(reference)
+model = fsdp.shard_model(build(), mesh)
+assert any(p.__class__.__name__ == "DTensor" for p in model.parameters())
+assert fsdp.packed_digest(model) == digest  # gathered packed bytes and statistics identical
+assert torch.equal(model(input_ids=ids).logits, expected)
+full = fsdp.full_state_dict(model)  # rank 0 holds it
+if rank == 0:
+    assert full.keys() == reference.state_dict().keys()  # statistics included
+    from fabric_quant.checkpoint import save_tensors
+    save_tensors(f"{out}/full.safetensors", full)
+dist.barrier()
+# full checkpoint -> fresh unsharded and fresh sharded models
+from fabric_quant.checkpoint import load_tensors
+state = load_tensors(f"{out}/full.safetensors")
+fresh = fq.from_pretrained(path, mode, dtype=torch.float32, progress=False)
+torch.manual_seed(1)
+for layer in [m for m in fresh.modules() if hasattr(m, "quant_state")]:
+    layer.quantize_(torch.randn(layer.out_features, layer.in_features))  # other bytes, same layout
+assert fsdp.packed_digest(fresh) != digest
+fresh.load_state_dict(state)
+assert fsdp.packed_digest(fresh) == digest
+fresh_sharded = fsdp.shard_model(fq.from_pretrained(path, mode, dtype=torch.float32, progress=False), mesh)
+fsdp.load_full_state_dict(fresh_sharded, state)
+assert fsdp.packed_digest(fresh_sharded) == digest
+assert torch.equal(fresh_sharded(input_ids=ids).logits, expected)
+# sharded checkpoint: one file per rank, reloaded on the same number of ranks
+fsdp.save_sharded(model, f"{out}/sharded")
+other = fsdp.shard_model(fq.from_pretrained(path, mode, dtype=torch.float32, progress=False), mesh)
+fsdp.load_sharded(other, f"{out}/sharded")
+assert fsdp.packed_digest(other) == digest
+assert torch.equal(other(input_ids=ids).logits, expected)
+print(f"rank {rank} ok", flush=True)
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.parametrize("mode", ["nf4-dq", "fp4"])
+def test_sharded_4bit_model_gathers_and_reloads_bit_exactly(llama_dir, tmp_path, mode):
+    script = tmp_path / "library.py"
+    script.write_text(_LIBRARY)
+    args = ["torchrun", "--standalone", "--nproc_per_node", "2", str(script), str(llama_dir), str(tmp_path), mode]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", *args[1:]], env=ENV, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout
+    names = sorted(p.name for p in (tmp_path / "sharded").iterdir())
+    assert names == ["rank-00000-of-00002.safetensors", "rank-00001-of-00002.safetensors"]
+
+
+def test_float_or_int8_layers_are_refused_before_sharding(llama_dir):
+    import fabric_quant as fq
+    from fabric_quant import fsdp
+
+    with pytest.raises(ValueError, match="only the 4-bit bitsandbytes modes"):
+        fsdp.check_shardable(fq.from_pretrained(llama_dir, "int8", dtype=torch.float32, progress=False))
+    meta = fq.from_pretrained(llama_dir, "nf4", dtype=torch.float32, progress=False)
+    layer = meta.model.layers[0].mlp.up_proj
+    layer.weight.data = layer.weight.data.to(torch.bfloat16)  # float storage: NaN patterns at risk
+    with pytest.raises(ValueError, match="uint8"):
+        fsdp.check_shardable(meta)
