@@ -195,8 +195,11 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
          resume, merge, dtype):  # fmt: skip
     start = time.perf_counter()
     fabric.seed_everything(seed)
+    import peft  # noqa: F401  (imported before the memory at start is read)
     from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    memory_at_start = peak_memory_mb(fabric.device)  # after the imports, before any data or model
 
     hf_logging.disable_progress_bar()
     path = model_args.path or minilm_path()
@@ -336,6 +339,12 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
         "wall_time_s": time.perf_counter() - start,
         "footprint": fq.footprint(model).summary(),
     })  # fmt: skip
+    # what each rank holds (a sharded model: its shards) and its memory, gathered from every rank
+    footprint_mb = fq.footprint(model).total_bytes / 1e6
+    rows = fabric.all_gather(torch.tensor([memory_at_start, memory_after_load, metrics["peak_memory_mb"], footprint_mb],
+                                          dtype=torch.float64, device=fabric.device))  # fmt: skip
+    keys = ("memory_at_start_mb", "peak_memory_after_load_mb", "peak_memory_mb", "model_mb")
+    metrics["per_rank"] = [dict(zip(keys, row, strict=True)) for row in rows.reshape(fabric.world_size, -1).tolist()]
     sharded = is_sharded(peft_model)
     trainable = trainable_state(peft_model) if sharded else None  # collective: every rank gathers
     if task == "causal-lm" and (sharded or fabric.global_rank == 0):  # a sharded forward needs every rank

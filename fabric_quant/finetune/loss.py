@@ -66,18 +66,25 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return grad * grad_total.to(grad.dtype), None, None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Mean next-token cross entropy of ``head(hidden)`` against ``labels`` (shifted by one, ``-100`` ignored), as
-    transformers' ``ForCausalLMLoss`` computes it, ``chunk`` tokens at a time."""
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
+                         chunk: int) -> torch.Tensor:  # fmt: skip
+    """Mean next-token cross entropy of ``hidden @ weight.T + bias`` against ``labels`` (shifted by one, ``-100``
+    ignored), as transformers' ``ForCausalLMLoss`` computes it, ``chunk`` tokens at a time. ``weight`` is frozen."""
     flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].reshape(-1).to(hidden.device)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # prompt and padding tokens cost no head matmul
     flat, targets = flat.index_select(0, keep), targets.index_select(0, keep)
     if torch.is_grad_enabled() and flat.requires_grad:
-        total = _LinearCrossEntropy.apply(flat, head.weight, head.bias, targets, chunk)
+        total = _LinearCrossEntropy.apply(flat, weight, bias, targets, chunk)
     else:
-        total, _ = _chunked(flat, head.weight, head.bias, targets, chunk, want_grad=False)
+        total, _ = _chunked(flat, weight, bias, targets, chunk, want_grad=False)
     return total / targets.numel()  # 0/0 = nan with no target, as transformers' mean reduction gives
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 class LossOutput(dict):
@@ -98,5 +105,8 @@ class ChunkedLossLM(torch.nn.Module):
     def forward(self, input_ids, attention_mask=None, labels=None) -> LossOutput:
         base = _base(self.model)
         out = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return LossOutput(loss=linear_cross_entropy(out.last_hidden_state, base.get_output_embeddings(), labels,
-                                                    self.chunk))  # fmt: skip
+        head = base.get_output_embeddings()
+        # sharded (FSDP): the head's forward, which would gather it, is not called here; gather the frozen weight
+        # for the loss only (the backward needs nothing of it)
+        weight, bias = (whole(t) if t is not None else None for t in (head.weight, head.bias))
+        return LossOutput(loss=linear_cross_entropy(out.last_hidden_state, weight, bias, labels, self.chunk))
