@@ -19,10 +19,11 @@ from pathlib import Path
 
 from jsonargparse import CLI
 
-SHAPES = {  # hidden, layers, heads, kv heads, MLP, vocabulary (Llama-3.1)
-    "llama-8b": (4096, 32, 32, 8, 14336, 128256),
-    "llama-70b": (8192, 80, 64, 8, 28672, 128256),
-    "llama-405b": (16384, 126, 128, 8, 53248, 128256),
+SHAPES = {  # hidden, layers, heads, kv heads, MLP, vocabulary, tied embeddings (Llama-3.2 1B, Llama-3.1 8B-405B)
+    "llama-1b": (2048, 16, 32, 8, 8192, 128256, True),
+    "llama-8b": (4096, 32, 32, 8, 14336, 128256, False),
+    "llama-70b": (8192, 80, 64, 8, 28672, 128256, False),
+    "llama-405b": (16384, 126, 128, 8, 53248, 128256, False),
 }
 NF4_DQ_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # per weight
 
@@ -30,7 +31,7 @@ NF4_DQ_BYTES = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # per weight
 def per_rank(shape, world: int, lora_r: int, tokens: int, lora_bytes: int = 8) -> dict[str, float]:
     """GB per rank. ``lora_bytes`` per LoRA parameter: bf16 weight + bf16 gradient + two bf16 AdamW states (the
     recipe's bf16-true); fp32 states would be 12."""
-    hidden, layers, heads, kv_heads, mlp, vocab = shape
+    hidden, layers, heads, kv_heads, mlp, vocab, tied = shape
     kv = hidden // heads * kv_heads
     linears = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, mlp), (hidden, mlp),
                (mlp, hidden)]  # fmt: skip  (in, out) of q, k, v, o, gate, up, down
@@ -38,7 +39,7 @@ def per_rank(shape, world: int, lora_r: int, tokens: int, lora_bytes: int = 8) -
     block_lora = sum(lora_r * (i + o) for i, o in linears)
     gb = 1e9
     base = layers * block_weights * NF4_DQ_BYTES / world / gb
-    embeddings = 2 * vocab * hidden * 2 / world / gb  # untied input embedding and head, bf16
+    embeddings = (1 if tied else 2) * vocab * hidden * 2 / world / gb  # input embedding and head, bf16
     lora = layers * block_lora * lora_bytes / world / gb
     gathered = 2 * block_weights * NF4_DQ_BYTES / gb
     # checkpointed: each block's input (bf16) kept; one block recomputed: q/k/v/o, MLP (3 x mlp), norms, in bf16
@@ -54,8 +55,8 @@ def main(world_sizes: tuple[int, ...] = (1, 2, 4, 8), lora_r: int = 16, tokens: 
          out_dir: Path = Path("benchmarks/results")) -> None:  # fmt: skip
     from fabric_quant.report import bar_panels, write_report
 
-    rows = []
-    for name, shape in SHAPES.items():
+    rows = [{"model": "llama-1b", "gpus": 2, **per_rank(SHAPES["llama-1b"], 2, 8, 512)}]  # the measured CPU run's shape
+    for name, shape in list(SHAPES.items())[1:]:
         for world in world_sizes:
             rows.append({"model": name, "gpus": world, **per_rank(shape, world, lora_r, tokens)})
     columns = ("model", "gpus", "base_gb", "embeddings_gb", "lora_and_optimizer_gb", "gathered_blocks_gb",
@@ -65,7 +66,9 @@ def main(world_sizes: tuple[int, ...] = (1, 2, 4, 8), lora_r: int = 16, tokens: 
         f"Command: `python benchmarks/fsdp_memory.py`. nf4-dq base ({NF4_DQ_BYTES * 8:.3f} bits per weight), bf16"
         f" embedding and head, LoRA r={lora_r} on every linear layer with bf16 AdamW states, {tokens} tokens per"
         " rank per micro-batch, gradient checkpointing, the recipe's chunked loss. Computed from the shapes, not"
-        " measured; runtime overheads (CUDA context, allocator, communication buffers) excluded."
+        " measured; runtime overheads (CUDA context, allocator, communication buffers) excluded. The first row is the"
+        " shape and batch of the measured CPU run (LoRA r=8, 2 x 256 tokens), whose base + embeddings + LoRA part is"
+        " what `fq.footprint` reports per rank there."
     )
     plot = bar_panels([{**r, "arm": f"{r['model']} x{r['gpus']}"} for r in rows], "arm", ["total_gb", "base_gb"],
                       "Sharded QLoRA: GB per rank")  # fmt: skip

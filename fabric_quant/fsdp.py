@@ -28,20 +28,9 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from fabric_quant.checkpoint import load_tensors, save_tensors
+from fabric_quant.modules import embedding_modules, transformer_blocks
 from fabric_quant.nn.base import local, quantized_layers
 from fabric_quant.nn.bnb import Linear4bit
-
-
-def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks (one FSDP unit each): the classes transformers names in ``_no_split_modules``."""
-    names = set().union(*(getattr(m, "_no_split_modules", None) or () for m in model.modules()))
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
-    if not blocks:
-        raise ValueError(
-            f"{type(model).__name__} holds no transformers model naming its block class (_no_split_modules); pass"
-            " blocks=[...] to shard_model"
-        )
-    return blocks
 
 
 def check_shardable(model: torch.nn.Module) -> None:
@@ -63,33 +52,57 @@ def shard_model(model: torch.nn.Module, mesh=None, *, blocks: list[torch.nn.Modu
                 reshard_after_forward: bool = True, cpu_offload: bool = False) -> torch.nn.Module:  # fmt: skip
     """``fully_shard`` each transformer block, then the root (embedding, head, final norm), over ``mesh`` (default:
     all ranks). ``cpu_offload``: parameters, gradients and optimizer state live on the CPU between uses (CUDA)."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
     check_shardable(model)
     policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "offload_policy": policy}
     for block in blocks if blocks is not None else transformer_blocks(model):
-        fully_shard(block, **kwargs)
+        if not isinstance(block, FSDPModule):  # else sharded already, e.g. by the loader (shard_on_load)
+            fully_shard(block, **kwargs)
     # The input embedding and the output head (one tensor when tied) form a unit of their own: in the root they
     # would stay gathered through the whole forward and backward (a 128K-token vocabulary: 0.5 GB at 1B in bf16)
-    embeddings = _embeddings(model)
-    if embeddings:
+    embeddings = embedding_modules(model)
+    if embeddings and not isinstance(embeddings[0], FSDPModule):
         fully_shard(embeddings, **{**kwargs, "reshard_after_forward": True})
-    fully_shard(model, **kwargs)
+    # Trainable parameters added after the blocks were sharded (LoRA adapters, by peft, after a sharded load) are
+    # replicated like DDP's (:func:`sync_gradients` averages their gradients): they are small, and FSDP cannot
+    # add parameters to a unit that is already sharded.
+    replicated = {p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)}
+    fully_shard(model, **kwargs, ignored_params=replicated)
     return model
 
 
-def _embeddings(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformers model's input embedding and output head, if any (one entry when they are the same)."""
-    base = next((m for m in model.modules() if hasattr(m, "get_input_embeddings") and hasattr(m, "_no_split_modules")),
-                None)  # fmt: skip
-    if base is None:
-        return []
-    found = []
-    for module in (base.get_input_embeddings(), base.get_output_embeddings()):
-        if module is not None and not any(module is m for m in found):
-            found.append(module)
-    return found
+def sync_gradients(model: torch.nn.Module) -> None:
+    """Average the gradients of the replicated (not sharded) trainable parameters over the ranks, in one
+    all-reduce (FSDP reduces the sharded ones itself). Collective; call after the last backward of a step."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None and not isinstance(p, DTensor)]
+    if not grads or not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def shard_on_load(mesh=None, *, reshard_after_forward: bool = True, cpu_offload: bool = False):
+    """A callback for ``fq.from_pretrained(..., on_block_loaded=...)``: each block (and the embedding group) is
+    sharded as soon as its tensors are loaded, so a rank never holds more than its shards plus one block, even
+    while loading (a 70B base packed is 35 GB: more than one 24 GB GPU). ``shard_model`` then shards the root."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+
+    policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
+
+    def shard(modules: list[torch.nn.Module]) -> None:
+        check_shardable(torch.nn.ModuleList(modules))
+        target = modules[0] if len(modules) == 1 else modules
+        fully_shard(target, mesh=mesh, reshard_after_forward=reshard_after_forward or len(modules) > 1,
+                    offload_policy=policy)  # fmt: skip
+
+    return shard
 
 
 @contextmanager

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import json
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from fabric_quant.dtypes import parse_dtype
 from fabric_quant.memory import release_freed_memory
-from fabric_quant.modules import cast_float_rest
+from fabric_quant.modules import cast_float_rest, embedding_modules, transformer_blocks
 from fabric_quant.nn.base import QuantizedLinear
 
 TASKS = ("causal-lm", "sequence-classification")
@@ -66,6 +66,7 @@ def from_pretrained(
     device: torch.device | str | None = None,
     ignore_modules: Iterable[str] | None = None,
     progress: bool = True,
+    on_block_loaded: Callable[[list[torch.nn.Module]], None] | None = None,
     **config_kwargs: Any,
 ) -> torch.nn.Module:
     """The transformers model for ``task`` from a local folder, quantized with a bitsandbytes ``mode`` while loading.
@@ -78,6 +79,9 @@ def from_pretrained(
         dtype: the dtype of everything not quantized (and the 4-bit layers' compute dtype).
         device: where the model lives (default: CUDA when available, else CPU).
         ignore_modules: Linear layers kept in float; default: the output head (``lm_head`` / the classifier).
+        on_block_loaded: called with each transformer block (as a one-element list) as soon as all its tensors
+            are loaded, and with the input embedding and output head together once the embedding is: e.g.
+            ``fabric_quant.fsdp.shard_on_load(mesh)``, so that a rank never holds the whole model.
         config_kwargs: config overrides, e.g. ``num_labels``, ``id2label``, ``label2id``.
     The result equals quantizing the model loaded whole in ``dtype`` (same codes, same outputs); tied weights
     are tied, buffers computed at construction (rotary tables) are kept, and weights missing from the checkpoint
@@ -117,6 +121,7 @@ def from_pretrained(
     total = sum(_count(file) for file in files) if progress else None
     bar = tqdm(total=total, desc=f"load {path.name}" + (f" as {mode}" if mode else ""), unit="tensor",
                disable=not progress, leave=False)  # fmt: skip
+    pending = _groups(model, names) if on_block_loaded is not None else {}
     for key, tensor in iter_checkpoint(path):
         bar.update(1)
         name = _model_key(key, names, prefix)
@@ -137,6 +142,7 @@ def from_pretrained(
             value = tensor.to(dtype) if tensor.is_floating_point() else tensor
             value = value.clone() if value.data_ptr() == tensor.data_ptr() else value
             set_module_tensor_to_device(model, name, device, value=value)
+        _complete(model, pending, name, on_block_loaded)
     bar.close()
     model.tie_weights()
     _initialise_missing(model, device, dtype, path)
@@ -147,6 +153,33 @@ def from_pretrained(
     cast_float_rest(model, dtype)
     release_freed_memory()
     return model
+
+
+def _groups(model: torch.nn.Module, names: set[str]) -> dict[int, tuple[list[torch.nn.Module], set[str]]]:
+    """For ``on_block_loaded``: each block, and the embedding with the head, with the state names still to load
+    (a head tied to the embedding needs none of its own)."""
+    owners = {id(m): n for n, m in model.named_modules()}
+    groups = {}
+    embeddings = embedding_modules(model)
+    for modules in [[b] for b in transformer_blocks(model)] + ([embeddings] if embeddings else []):
+        prefixes = [f"{owners[id(m)]}." for m in modules]
+        wanted = {n for n in names if any(n.startswith(p) for p in prefixes)}
+        if len(modules) > 1 and modules[0].weight is modules[1].weight:
+            wanted = {n for n in wanted if n.startswith(prefixes[0])}
+        groups[id(modules[0])] = (modules, wanted)
+    return groups
+
+
+def _complete(model, pending: dict, name: str, callback) -> None:
+    for key, (modules, wanted) in list(pending.items()):
+        if name in wanted:
+            wanted.discard(name)
+            if not wanted:
+                del pending[key]
+                if len(modules) > 1 and getattr(model.config, "tie_word_embeddings", False):
+                    model.tie_weights()  # the head shares the embedding's tensor before both are sharded together
+                callback(modules)
+            return
 
 
 def _count(file: Path) -> int:

@@ -114,3 +114,29 @@ def refuse_requantization(model: torch.nn.Module, mode: str, allowed: Iterable[s
         f"{type(model).__name__} is already quantized ({', '.join(sorted(found))}); mode {mode!r} cannot quantize"
         " it again. Start from the float model (or its dequantized weights: fabric_quant.dequantized_state_dict)."
     )
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks (one FSDP unit each): the classes transformers names in ``_no_split_modules``."""
+    names = set().union(*(getattr(m, "_no_split_modules", None) or () for m in model.modules()))
+    # by class name along the MRO: a block sharded by FSDP2 is an instance of a generated subclass (FSDP<Block>)
+    blocks = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
+    if not blocks:
+        raise ValueError(
+            f"{type(model).__name__} holds no transformers model naming its block class (_no_split_modules); pass"
+            " blocks=[...] to shard_model"
+        )
+    return blocks
+
+
+def embedding_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The transformers model's input embedding and output head, if any (one entry when they are the same)."""
+    base = next((m for m in model.modules() if hasattr(m, "get_input_embeddings") and hasattr(m, "_no_split_modules")),
+                None)  # fmt: skip
+    if base is None:
+        return []
+    found = []
+    for module in (base.get_input_embeddings(), base.get_output_embeddings()):
+        if module is not None and not any(module is m for m in found):
+            found.append(module)
+    return found

@@ -49,7 +49,7 @@ from fabric_quant.finetune.state import (
     set_whole,
     trainable_state,
 )
-from fabric_quant.fsdp import gathered_root, shard_model
+from fabric_quant.fsdp import gathered_root, shard_model, shard_on_load, sync_gradients
 from fabric_quant.memory import fix_mmap_threshold
 from fabric_quant.models import minilm_path
 from fabric_quant.report import peak_memory_mb
@@ -87,7 +87,8 @@ def setup(
         accelerator: cpu, cuda or auto.
         devices: number of devices/processes (--strategy ddp or fsdp).
         strategy: Fabric strategy: auto, ddp (the whole 4-bit base on every process), or fsdp (FSDP2 through Fabric's
-            ModelParallelStrategy: the base, adapters and optimizer state sharded over the processes; 4-bit modes).
+            ModelParallelStrategy: the 4-bit base sharded over the processes, blocks as they load; the adapters and
+            their optimizer state replicated, as in DDP; 4-bit modes).
         fsdp: options of strategy fsdp.
         seed: seeds initialisation, data order and dropout.
         out_dir: where checkpoints, final adapter, merged model, config and metrics go.
@@ -141,10 +142,21 @@ def _strategy(strategy: str, fsdp: FSDPArgs, devices: int):
     from lightning.fabric.strategies import ModelParallelStrategy
 
     def parallelize(module, mesh):
-        return shard_model(module, mesh["data_parallel"], reshard_after_forward=fsdp.reshard_after_forward,
-                                   cpu_offload=fsdp.cpu_offload)  # fmt: skip
+        # FSDP2's default 1-D mesh over all ranks, as in _shard_on_load (not Fabric's "data_parallel" mesh: peft
+        # reads a sharded weight under a mesh with other dimension names as tensor-parallel and sizes the LoRA
+        # matrices by the local shard)
+        return shard_model(module, None, reshard_after_forward=fsdp.reshard_after_forward,
+                           cpu_offload=fsdp.cpu_offload)  # fmt: skip
 
     return ModelParallelStrategy(parallelize, data_parallel_size=devices, tensor_parallel_size=1)
+
+
+def _shard_on_load(fabric, config: dict):
+    """Under FSDP, each block is sharded as soon as it is loaded: a rank never holds the whole 4-bit base."""
+    if config["strategy"] != "fsdp":
+        return None
+    options = config["fsdp"]
+    return shard_on_load(None, cpu_offload=options["cpu_offload"], reshard_after_forward=options["reshard_after_forward"])
 
 
 def _check_out_dir(out_dir: Path, resume, overwrite: bool) -> dict | None:
@@ -219,7 +231,8 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
     load_start = time.perf_counter()
     with fabric.rank_zero_first():  # quantized while it loads (before LoRA: the adapters stay float)
         net = load_model(path, task, train_set.labels, plugin.mode if plugin else None, compute_dtype, fabric.device,
-                         model_args.ignore_modules, progress=fabric.global_rank == 0)  # fmt: skip
+                         model_args.ignore_modules, progress=fabric.global_rank == 0,
+                         on_block_loaded=_shard_on_load(fabric, config))  # fmt: skip
     load_time, memory_after_load = time.perf_counter() - load_start, peak_memory_mb(fabric.device)
     heads = head_names(net, task)
     if train.gradient_checkpointing:
@@ -227,6 +240,7 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
     peft_model = add_lora(net, task, lora, heads)
     model = fabric.setup_module(_with_loss(peft_model, task, train.loss_chunk_tokens, fabric))
     params = [p for p in model.parameters() if p.requires_grad]
+    sharded = is_sharded(peft_model)
     optimizer = fabric.setup_optimizers(
         build_optimizer(train.optimizer, params, train.lr, train.weight_decay, fabric.device)
     )
@@ -293,6 +307,8 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
             step_loss += loss.detach()
             examples += len(idx)
             tokens += int(batch["attention_mask"].sum())
+        if sharded:
+            sync_gradients(model)  # the adapters are replicated beside the sharded base
         loss_value = fabric.all_reduce(step_loss, reduce_op="mean").item()
         if not math.isfinite(loss_value):  # before the optimizer applies it and before anything is saved
             raise FloatingPointError(
@@ -345,7 +361,6 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
                                           dtype=torch.float64, device=fabric.device))  # fmt: skip
     keys = ("memory_at_start_mb", "peak_memory_after_load_mb", "peak_memory_mb", "model_mb")
     metrics["per_rank"] = [dict(zip(keys, row, strict=True)) for row in rows.reshape(fabric.world_size, -1).tolist()]
-    sharded = is_sharded(peft_model)
     trainable = trainable_state(peft_model) if sharded else None  # collective: every rank gathers
     if task == "causal-lm" and (sharded or fabric.global_rank == 0):  # a sharded forward needs every rank
         example = val_set.examples[0]  # one sample from the trained model: the first validation prompt, greedy

@@ -15,3 +15,7 @@ python -m pytest -m cuda -q -p no:cacheprovider tests/test_cuda.py
 python benchmarks/gpu_check.py
 python benchmarks/qlora_resources.py --model llama-1b --accelerator cuda --steps 20
 python benchmarks/qlora_resources.py --model llama-1b --accelerator cuda --steps 20 --gradient_checkpointing true
+# 2+ GPUs: sharded QLoRA (FSDP2, nccl) per-rank memory against DDP
+if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then
+  python benchmarks/qlora_sharded.py --model llama-1b --accelerator cuda --devices 2 --steps 10
+fi

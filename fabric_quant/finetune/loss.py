@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch.nn import functional
 
+from fabric_quant.nn.base import QuantizedLinear
+
 IGNORE_INDEX = -100
 # Architectures whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)` (no logit scaling or
 # soft-capping after the head), each checked against transformers' own loss in the tests.
@@ -32,7 +34,8 @@ def fused_head_supported(model) -> bool:
     head = model.get_output_embeddings()
     return (
         getattr(model.config, "model_type", None) in SUPPORTED
-        and type(head) is torch.nn.Linear
+        and isinstance(head, torch.nn.Linear)  # a plain Linear, or FSDP's subclass of one when sharded
+        and not isinstance(head, QuantizedLinear)
         and not head.weight.requires_grad
     )
 

@@ -52,9 +52,16 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def _sharded_trainable(model: torch.nn.Module) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters() if p.requires_grad)
+
+
 def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
-    """The optimizer's state dict; for a sharded model the whole state keyed by parameter name (collective)."""
-    if not is_sharded(model):
+    """The optimizer's state dict; with sharded trainable parameters the whole state keyed by parameter name
+    (collective). Adapters replicated beside a sharded base (``fabric_quant.fsdp``) keep the plain format."""
+    if not _sharded_trainable(model):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
@@ -63,7 +70,7 @@ def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
 
 
 def load_optimizer_state(model: torch.nn.Module, optimizer, state: dict) -> None:
-    if not is_sharded(model):
+    if not _sharded_trainable(model):
         optimizer.load_state_dict(state)
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
