@@ -156,7 +156,8 @@ def _shard_on_load(fabric, config: dict):
     if config["strategy"] != "fsdp":
         return None
     options = config["fsdp"]
-    return shard_on_load(None, cpu_offload=options["cpu_offload"], reshard_after_forward=options["reshard_after_forward"])
+    return shard_on_load(None, cpu_offload=options["cpu_offload"],
+                         reshard_after_forward=options["reshard_after_forward"])  # fmt: skip
 
 
 def _check_out_dir(out_dir: Path, resume, overwrite: bool) -> dict | None:
