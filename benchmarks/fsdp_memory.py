@@ -5,11 +5,11 @@ measured footprint of the 1B shape in benchmarks/qlora_sharded.py (``model_mb`` 
     python benchmarks/fsdp_memory.py
 Writes benchmarks/results/fsdp_memory.{md,csv,png}.
 
-Per rank: packed base / N (4 bits per weight + one 8-bit block constant per 64 weights + one fp32 per 256 of those:
-nf4-dq = 4.127 bits), the bf16 embedding and head / N, LoRA parameters with their gradients and AdamW's two states
-/ N, and what is not sharded: two gathered blocks (the one computing and the one prefetched, packed), activations
-with gradient checkpointing (each block's bf16 input kept, one block recomputed at a time), and the chunked loss
-(256 tokens x vocabulary in fp32 and bf16). Runtime overheads (CUDA context, allocator slack, communication
+Per rank, as the recipe shards (docs/fsdp.md): packed base blocks / N (4 bits per weight + one 8-bit block constant
+per 64 weights + one fp32 per 256 of those: nf4-dq = 4.127 bits); replicated: the bf16 embedding and head, LoRA
+parameters with their gradients and AdamW's two states; and the working set: two gathered blocks (the one
+computing and the one prefetched, packed), activations with gradient checkpointing (each block's bf16 input
+kept, one block recomputed at a time), and the chunked loss (256 tokens x vocabulary in fp32 and bf16). Runtime overheads (CUDA context, allocator slack, communication
 buffers) are not included: add 1-3 GB per GPU.
 """
 
@@ -39,8 +39,8 @@ def per_rank(shape, world: int, lora_r: int, tokens: int, lora_bytes: int = 8) -
     block_lora = sum(lora_r * (i + o) for i, o in linears)
     gb = 1e9
     base = layers * block_weights * NF4_DQ_BYTES / world / gb
-    embeddings = (1 if tied else 2) * vocab * hidden * 2 / world / gb  # input embedding and head, bf16
-    lora = layers * block_lora * lora_bytes / world / gb
+    embeddings = (1 if tied else 2) * vocab * hidden * 2 / gb  # input embedding and head, bf16, replicated
+    lora = layers * block_lora * lora_bytes / gb  # replicated
     gathered = 2 * block_weights * NF4_DQ_BYTES / gb
     # checkpointed: each block's input (bf16) kept; one block recomputed: q/k/v/o, MLP (3 x mlp), norms, in bf16
     activations = (layers * tokens * hidden * 2 + tokens * (6 * hidden + 3 * mlp) * 2 * 2) / gb

@@ -6,6 +6,7 @@ Layers, bottom up: ``numerics`` (integer grids, fake quantization, observers) ->
 """
 
 from fabric_quant import bnb as _bnb_family  # noqa: F401  (registers the bitsandbytes modes)
+from fabric_quant import woq as _woq_family  # noqa: F401  (registers woq-int8 / woq-int4)
 from fabric_quant._bnb import quiet_bitsandbytes_logs
 from fabric_quant.api import convert, quantize_
 from fabric_quant.checkpoint import dequantized_state_dict, load_quantized, save_dequantized, save_quantized
@@ -14,12 +15,14 @@ from fabric_quant.loading import from_pretrained
 from fabric_quant.ptq import quantize_dynamic, quantize_static, recommend
 from fabric_quant.qat import apply_schedule
 from fabric_quant.registry import available_modes, mode_spec, precision_plugin, register_mode, unregister_mode
+from fabric_quant.woq_export import export_woq, load_woq
 
 _PLUGINS = {
     "BnbPrecision": "fabric_quant.plugins.bnb",
     "BnbFSDPPrecision": "fabric_quant.plugins.bnb_fsdp",
     "QATPrecision": "fabric_quant.plugins.qat",
     "PTQPrecision": "fabric_quant.plugins.ptq",
+    "WOQPrecision": "fabric_quant.plugins.woq",
 }
 
 
@@ -38,13 +41,16 @@ __all__ = [
     "Footprint",
     "PTQPrecision",
     "QATPrecision",
+    "WOQPrecision",
     "apply_schedule",
     "available_modes",
     "convert",
     "dequantized_state_dict",
+    "export_woq",
     "footprint",
     "from_pretrained",
     "load_quantized",
+    "load_woq",
     "mode_spec",
     "precision_plugin",
     "quantize_",

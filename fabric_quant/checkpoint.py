@@ -172,9 +172,14 @@ def load_quantized(model: torch.nn.Module, path: str | Path, strict: bool = True
 
 
 def _is_quantized_weight_key(key: str, layers: dict) -> bool:
-    """True for a quantized layer's packed weight and its statistics (``weight``, ``weight.absmax``, ``SCB``...)."""
+    """True for a quantized layer's packed weight and its statistics (``weight``, ``weight.absmax``, ``SCB``, the
+    tensors its ``storage_keys`` name: ``qweight``, ``scales``...)."""
     parts = key.split(".")
-    return any(".".join(parts[:i]) in layers and parts[i] in _WEIGHT_KEYS for i in range(len(parts)))
+    for i in range(len(parts)):
+        layer = layers.get(".".join(parts[:i]))
+        if layer is not None and (parts[i] in _WEIGHT_KEYS or parts[i] in layer.storage_keys):
+            return True
+    return False
 
 
 _WEIGHT_KEYS = ("weight", "SCB", "weight_format")

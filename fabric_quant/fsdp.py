@@ -50,8 +50,9 @@ def check_shardable(model: torch.nn.Module) -> None:
 
 def shard_model(model: torch.nn.Module, mesh=None, *, blocks: list[torch.nn.Module] | None = None,
                 reshard_after_forward: bool = True, cpu_offload: bool = False) -> torch.nn.Module:  # fmt: skip
-    """``fully_shard`` each transformer block, then the root (embedding, head, final norm), over ``mesh`` (default:
-    all ranks). ``cpu_offload``: parameters, gradients and optimizer state live on the CPU between uses (CUDA)."""
+    """``fully_shard`` each transformer block, then the root (final norm), over ``mesh`` (default: all ranks); the
+    embedding, the output head and trainable parameters added after sharding stay replicated. ``cpu_offload``:
+    parameters, gradients and optimizer state live on the CPU between uses (CUDA)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
     check_shardable(model)
@@ -60,16 +61,15 @@ def shard_model(model: torch.nn.Module, mesh=None, *, blocks: list[torch.nn.Modu
     for block in blocks if blocks is not None else transformer_blocks(model):
         if not isinstance(block, FSDPModule):  # else sharded already, e.g. by the loader (shard_on_load)
             fully_shard(block, **kwargs)
-    # The input embedding and the output head (one tensor when tied) form a unit of their own: in the root they
-    # would stay gathered through the whole forward and backward (a 128K-token vocabulary: 0.5 GB at 1B in bf16)
-    embeddings = embedding_modules(model)
-    if embeddings and not isinstance(embeddings[0], FSDPModule):
-        fully_shard(embeddings, **{**kwargs, "reshard_after_forward": True})
-    # Trainable parameters added after the blocks were sharded (LoRA adapters, by peft, after a sharded load) are
-    # replicated like DDP's (:func:`sync_gradients` averages their gradients): they are small, and FSDP cannot
-    # add parameters to a unit that is already sharded.
+    # Replicated on every rank, as in DDP:
+    # - the input embedding and output head: gathering a 128K-token table costs twice its size while FSDP2 copies
+    #   it out (measured: the 1B shape's per-rank peak rose above DDP's with it sharded), and the root would keep
+    #   it gathered through the whole step; sharding it well needs a vocabulary-parallel lookup and loss;
+    # - trainable parameters added after the blocks were sharded (LoRA adapters, by peft, after a sharded load):
+    #   small, and FSDP cannot add parameters to a unit already sharded (:func:`sync_gradients` averages them).
+    embedding = {p for m in embedding_modules(model) for p in m.parameters()}
     replicated = {p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)}
-    fully_shard(model, **kwargs, ignored_params=replicated)
+    fully_shard(model, **kwargs, ignored_params=embedding | replicated)
     return model
 
 
@@ -97,6 +97,8 @@ def shard_on_load(mesh=None, *, reshard_after_forward: bool = True, cpu_offload:
     policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
 
     def shard(modules: list[torch.nn.Module]) -> None:
+        if isinstance(modules[0], torch.nn.Embedding):
+            return  # the embedding (and head) stay replicated: see shard_model
         check_shardable(torch.nn.ModuleList(modules))
         target = modules[0] if len(modules) == 1 else modules
         fully_shard(target, mesh=mesh, reshard_after_forward=reshard_after_forward or len(modules) > 1,

@@ -124,14 +124,21 @@ def bar_panels(
             ax.margins(x=0.25)
             if metric.startswith("cosine"):
                 ax.set_xlim(min(values) - 0.05, 1.01)
-        fig.suptitle(title)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-        plt.close(fig)
-        atomic_write_bytes(path, buf.getvalue())
+        save_figure(fig, path, title)
 
     return draw
+
+
+def save_figure(fig, path: Path, title: str) -> None:
+    """Title, lay out and write a matplotlib figure as PNG, atomically, and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.suptitle(title)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def peak_rss_mb() -> float:

@@ -5,7 +5,8 @@
     python recipes/bench.py --help
 
 Rows: fp32, bf16, PTQ dynamic int8 (fp32 or bf16 rest), PTQ static int8, QAT-converted int8 (CNN task: a short
-QAT fine-tune here), bitsandbytes int8 / nf4 / nf4-dq / fp4 / fp4-dq, and on MiniLM the deprecated
+QAT fine-tune here), bitsandbytes int8 / nf4 / nf4-dq / fp4 / fp4-dq, weight-only woq-int8 / woq-int4 (MiniLM; g128,
+fp32 activations on ATen's int8pack / int4pack kernels), and on MiniLM the deprecated
 ``torch.ao.quantization.quantize_dynamic`` as a reference where it still exists; with ``compile: true`` also
 ``+compile`` rows (``fabric_quant.kernels.compile_model``: inductor with freezing, the int8 GEMMs become AMX/VNNI
 kernels; ``autotune: true`` lets it pick inductor's C++ GEMM or oneDNN's per shape by timing).
@@ -52,7 +53,8 @@ TORCH_AO = "torch.ao-dynamic-int8"
 def all_modes(task: str) -> list[str]:
     qat = ["qat-int8"] if task == "digits-cnn" else []
     ao = [TORCH_AO] if task == "minilm" and importlib.util.find_spec("torch.ao.quantization") else []
-    return [*BASELINES, *ao, *PTQ, *qat, *fq.available_modes("bitsandbytes")]
+    woq = fq.available_modes("woq") if task == "minilm" else []  # the CNN's one Linear is its 10-way head
+    return [*BASELINES, *ao, *PTQ, *qat, *fq.available_modes("bitsandbytes"), *woq]
 
 
 def check_modes(modes: list[str], task: str) -> list[str]:

@@ -4,21 +4,27 @@ merged folder written by the QLoRA recipe.
     python recipes/generate.py --model.path DIR --quantize nf4-dq --prompt "Name the topic." --max_new_tokens 64
     python recipes/generate.py --model.path DIR --adapter runs/qlora/final/adapter --prompt "..."
     python recipes/generate.py --model.path runs/qlora/final/merged --quantize null --prompts_path prompts.jsonl
+    python recipes/generate.py --model.path runs/qlora/final/merged --quantize woq-int4 --prompt "..."
+    python recipes/generate.py --model.path runs/woq-int4 --quantize woq-int4 --prompt "..."   # fq.export_woq's folder
     python recipes/generate.py --help
 
 Prompts are wrapped in the Alpaca template the QLoRA recipe trains with (``--template alpaca``), the model's chat
-template (``chat``) or used as they are (``none``). A prompts file is JSONL with one ``{"prompt": ...}`` (or
+template (``chat``) or used as they are (``none``). ``--quantize woq-int8`` / ``woq-int4`` quantizes a float base
+weight-only while loading (the CPU decoding modes); a folder written by ``fabric_quant.export_woq`` is recognised and
+loaded as it was saved. A prompts file is JSONL with one ``{"prompt": ...}`` (or
 ``{"instruction": ..., "input": ...}``) per line. Tokens stream to the terminal; tokens/s and peak memory follow.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
 import torch
 from jsonargparse import CLI
 
+import fabric_quant as fq
 from fabric_quant.dtypes import parse_dtype
 from fabric_quant.finetune.args import ModelArgs, check_range
 from fabric_quant.finetune.data import chat_ids, read_jsonl
@@ -54,6 +60,31 @@ def _encode(tokenizer, instruction: str, context: str, template: str) -> list[in
     return bos + tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _load(model: ModelArgs, quantize: str | None, adapter: Path | None, dtype: torch.dtype, device: torch.device):
+    """The model: a weight-only folder as saved, a float base quantized weight-only, or load_model's modes."""
+    from fabric_quant.registry import available_modes
+    from fabric_quant.woq_export import is_woq_folder, load_woq
+
+    woq_modes = available_modes("woq")
+    if is_woq_folder(model.path):
+        saved = json.loads((Path(model.path) / "woq.json").read_text())["mode"]
+        if quantize not in (None, saved):
+            raise ValueError(f"{model.path} is a {saved} folder (fabric_quant.export_woq): --quantize must be {saved}"
+                             f" or null, got {quantize!r}")  # fmt: skip
+        if adapter is not None:
+            raise ValueError("--adapter cannot go on a weight-only folder: merge it when exporting"
+                             " (fabric_quant.export_woq(base, out, adapter=...))")  # fmt: skip
+        return load_woq(model.path, device)
+    if quantize in woq_modes:
+        if adapter is not None:
+            raise ValueError(f"--quantize {quantize} with --adapter: LoRA does not wrap weight-only layers; export the"
+                             " merged model first (fabric_quant.export_woq(base, out, adapter=...))")  # fmt: skip
+        net = load_model(model.path, "causal-lm", None, None, dtype, device, progress=False)
+        options = {} if model.ignore_modules is None else {"ignore_modules": model.ignore_modules}
+        return fq.quantize_(net, quantize, **options)
+    return load_model(model.path, "causal-lm", None, quantize, dtype, device, model.ignore_modules)
+
+
 def setup(
     model: ModelArgs = ModelArgs(task="causal-lm"),
     quantize: str | None = "nf4-dq",
@@ -72,7 +103,9 @@ def setup(
 
     Args:
         model: the base (or merged) model folder; the task must be causal-lm.
-        quantize: a bitsandbytes mode the base is quantized with while loading, or null for 16-bit.
+        quantize: a bitsandbytes or weight-only (woq-int8, woq-int4) mode the base is quantized with while
+            loading, or null for 16-bit. A weight-only folder (``fabric_quant.export_woq``) loads as saved: give
+            its mode or null.
         adapter: a LoRA adapter folder (PEFT format, e.g. the QLoRA recipe's final/adapter).
         prompt: one prompt.
         prompts_path: a JSONL file of prompts.
@@ -99,7 +132,7 @@ def setup(
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file()
                                               else model.path)  # fmt: skip
-    net = load_model(model.path, "causal-lm", None, quantize, parse_dtype(precision), device, model.ignore_modules)
+    net = _load(model, quantize, adapter, parse_dtype(precision), device)
     if adapter is not None:
         from peft import PeftModel
 

@@ -6,6 +6,8 @@ quantized per token (dynamic, symmetric) or with a calibrated scale (static); th
 -> int32 matmul (`torch._int_mm`, a maintained core op) rescaled in float, which inductor lowers to oneDNN's int8
 GEMM under `fabric_quant.kernels.compile_model`. Shapes that op cannot take (on CUDA), and per-group weights, run
 the float reference path (dequantized weight, same activation rounding): same numbers, no integer speed-up.
+Eager on an x86 CPU, dynamic layers run oneDNN's int8 GEMM on a weight packed once instead
+(:mod:`fabric_quant.nn.onednn_linear`: same codes, the rescale fused; several times fewer elementwise passes).
 Conv: int8 weights (BatchNorm folded in by the caller); static-activation Conv2d on the ``x86`` backend runs
 oneDNN's int8 convolution, everything else computes in float from the dequantized weight (storage saving only).
 Embedding: int8 rows with a scale each; a lookup gathers and rescales only the rows it reads.
@@ -21,6 +23,7 @@ from typing import Literal
 import torch
 
 from fabric_quant.nn.base import QuantizedLinear, Storage
+from fabric_quant.nn.onednn_linear import KernelCache, dynamic_int8_linear, onednn_linear_available, packed_weight
 from fabric_quant.numerics.quant import (
     VALID_BITS,
     absmax_scale,
@@ -157,6 +160,10 @@ SMALL_MATMUL = 1 << 20
 
 
 class Int8Linear(_Int8Weight, torch.nn.Module):
+    eager_kernel: bool = True
+    """Run dynamic layers on oneDNN's packed int8 GEMM in eager mode on x86 CPUs (False: the ``torch._int_mm``
+    reference everywhere; set it on the class or on one layer)."""
+
     @classmethod
     def from_float(
         cls,
@@ -189,12 +196,27 @@ class Int8Linear(_Int8Weight, torch.nn.Module):
         # CUDA's torch._int_mm takes K and N in multiples of 8 and M > 16 rows; the CPU kernel takes any shape
         return x.device.type == "cpu" or (self.in_features % 8 == 0 and self.out_features % 8 == 0 and rows > 16)
 
+    def _clear_caches(self) -> None:
+        super()._clear_caches()
+        self._kernel = KernelCache()
+
+    def _onednn_ok(self, rows: torch.Tensor) -> bool:
+        # not while dynamo traces: compile_model must see the _int_mm pattern its freezing pass lowers (and may
+        # autotune against inductor's own GEMM template)
+        return (
+            not torch.compiler.is_compiling()  # first: dynamo then skips the rest (no graph break on the cache)
+            and self.eager_kernel
+            and rows.device.type == "cpu"
+            and not self._kernel.get("failed")
+            and onednn_linear_available()
+        )
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, self.in_features)
         if not self._integer_ok(x):
             out = torch.nn.functional.linear(self._quantize_input(rows), self.compute_weight(x.dtype), self.bias)
-        elif self.activations == "dynamic":
-            out = self._dynamic_int8(rows)
+        elif self.activations == "dynamic":  # ReLU applied inside (fused into the kernel where it can be)
+            return self._dynamic_int8(rows).reshape(*x.shape[:-1], self.out_features)
         else:
             out = self._static_int8(rows.float())
             out = (out if self.bias is None else out + self.bias).to(x.dtype)
@@ -205,13 +227,21 @@ class Int8Linear(_Int8Weight, torch.nn.Module):
     def _dynamic_int8(self, rows: torch.Tensor) -> torch.Tensor:
         # Symmetric per-token activations: (q_x * s_x) @ (q_w * s_w)^T = (q_x @ q_w^T) * s_x * s_w. Written in
         # exactly this form (int mm -> cast -> mul -> mul -> add bias) because that is the pattern inductor's
-        # freezing passes lower to one oneDNN int8 GEMM (AMX / VNNI) under fabric_quant.kernels.compile_model;
-        # eager runs it as written.
+        # freezing passes lower to one oneDNN int8 GEMM (AMX / VNNI) under fabric_quant.kernels.compile_model.
+        # Eager on x86 the same product runs on oneDNN's GEMM directly (same codes, rescale fused); this form is
+        # the reference elsewhere (CUDA, no oneDNN, a refused shape) and what dynamo traces.
         dtype = rows.dtype if rows.dtype in (torch.float32, torch.bfloat16) else torch.float32
+        if self._onednn_ok(rows):
+            try:
+                packed, w_scale = packed_weight(self._kernel, self.qweight, self.int8_weight, self.weight_scale)
+                return dynamic_int8_linear(rows.contiguous(), packed, w_scale, self.bias, dtype, self.relu)
+            except RuntimeError:  # a shape or build the kernel refuses: the reference below, from now on
+                self._kernel["failed"] = True
         scale = per_token_scale(rows)
         q = torch.clamp(torch.round(rows.float() * (1.0 / scale)), -127, 127).to(torch.int8)  # as fake_quant
         out = torch._int_mm(q, self.qweight_t).to(dtype) * scale.to(dtype) * self.weight_scale.to(dtype)
-        return out if self.bias is None else out + self.bias.to(dtype)
+        out = out if self.bias is None else out + self.bias.to(dtype)
+        return torch.relu(out) if self.relu else out
 
     def _static_int8(self, rows: torch.Tensor) -> torch.Tensor:
         # x ~ (q - z) * s with q in [0, 255]; shift to int8: q - 128 and z - 128, then

@@ -1,9 +1,10 @@
 """Dynamic post-training quantization: int8 weights now, int8 activations computed per call.
 
 Linear -> :class:`~fabric_quant.nn.Int8Linear` with dynamic activations (int8 per-channel weights, symmetric
-per-token int8 activations, ``torch._int_mm``; oneDNN's AMX/VNNI GEMM under
-:func:`fabric_quant.kernels.compile_model`). LSTM / GRU -> :class:`~fabric_quant.nn.DynamicInt8RNN`. Embedding ->
-:class:`~fabric_quant.nn.Int8Embedding` (weight-only).
+per-token int8 activations; eager on x86 oneDNN's int8 GEMM on a weight packed once, else ``torch._int_mm``;
+oneDNN's AMX/VNNI GEMM with the quantization fused under :func:`fabric_quant.kernels.compile_model`).
+LSTM / GRU -> :class:`~fabric_quant.nn.DynamicInt8RNN`.
+Embedding -> :class:`~fabric_quant.nn.Int8Embedding` (weight-only).
 """
 
 from __future__ import annotations

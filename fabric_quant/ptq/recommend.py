@@ -82,6 +82,7 @@ def recommend(
     repeats: int = 20,
     compile: bool = False,
     autotune: bool = False,
+    weight_only: bool = False,
 ) -> Recommendation:
     """Measure the applicable PTQ schemes on ``model`` and rank them.
 
@@ -95,6 +96,8 @@ def recommend(
             int8 pays off for transformers on CPU (eager int8 there is often no faster than fp32). The metric is
             measured on the eager models (same numbers) and the candidates keep their eager model.
         autotune: with ``compile``, ``compile_model(autotune=True)`` (GEMM autotuning; slower compilation).
+        weight_only: also measure ``woq-int8`` and ``woq-int4`` (:mod:`fabric_quant.woq`: integer weights, float
+            activations), the schemes for batch-1 decoding, where a Linear layer's time is reading its weight.
     """
     if tolerance < 0:
         raise ValueError(f"tolerance must be >= 0, got {tolerance}")
@@ -117,6 +120,11 @@ def recommend(
         models["dynamic"] = quantize_dynamic(model)
     if calibration and (counts["linear"] or counts["conv"]):
         models["static"] = quantize_static(model, calibration, progress=False)
+    if weight_only and counts["linear"]:
+        from fabric_quant.woq import quantize_woq  # a sibling family, imported only when asked for
+
+        for mode in ("woq-int8", "woq-int4"):
+            models[mode] = quantize_woq(copy.deepcopy(model), mode)
     with torch.no_grad():
         metrics = {name: float(eval_fn(m, val_data)) for name, m in models.items()}
     timed = {n: compile_model(m, autotune=autotune) if compile else m for n, m in models.items()}

@@ -46,7 +46,8 @@ def convert(model: torch.nn.Module, inplace: bool = False, backend: str = "auto"
     """The deployable model: every QAT layer replaced by its int8 (or packed int4) version, in eval mode.
 
     ``backend``: ``auto`` / ``x86`` / ``reference`` (see :mod:`fabric_quant.kernels`); it picks the convolution
-    kernel. Linear layers use ``torch._int_mm`` on every backend."""
+    kernel. Linear layers run oneDNN's int8 GEMM in eager CPU mode (``nn/onednn_linear.py``) and ``torch._int_mm``
+    elsewhere (the form inductor traces)."""
     backend = select_backend(backend)
     model = model if inplace else copy.deepcopy(model)
     model.eval()

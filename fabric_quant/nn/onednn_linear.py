@@ -1,0 +1,120 @@
+"""The eager CPU kernel of dynamic int8 Linear layers: oneDNN's int8 GEMM on a weight packed once.
+
+Same numerics as :meth:`fabric_quant.nn.Int8Linear._dynamic_int8` (the ``torch._int_mm`` reference, which
+``compile_model`` lowers): the same symmetric per-token activation codes, int8 x int8 -> int32 products, scaled by
+the weight scales and the token scales. Only the float rounding order of the rescale differs (oneDNN multiplies
+the int32 sum by the weight scale in fp32 before the token scale is applied), a few ulps.
+
+Where eager time went (torch.profiler, all-MiniLM-L6-v2, 2 threads): not the GEMM but the elementwise ops around
+it (per-token quantization: abs, amax, clamp, mul, round, clamp, cast; the rescale: int32 -> float, two muls,
+a bias add), each a pass over the activations plus a fresh allocation. Here: the activations are quantized in
+fewer passes (no redundant clamp: ``round(x * 127 / absmax)`` is within [-127, 127] by construction), and
+``torch.ops.onednn.qlinear_pointwise`` (a maintained ATen op, the one inductor's freezing pass emits for this same
+pattern) applies the weight scales inside the GEMM and writes float directly, so the rescale is one
+``addcmul`` (token scale and bias).
+
+The packed weight is derived state: built on the first call, never saved (checkpoints keep the plain int8 codes
+and stay bit-exact), dropped when the layer's buffers change or the module is copied.
+"""
+
+from __future__ import annotations
+
+import functools
+import platform
+
+import numpy
+import torch
+
+_EPS = torch.finfo(torch.float32).eps
+# Past this many elements, two reductions (amax, amin) beat abs-then-amax (one pass that writes a temporary);
+# below it the extra op's dispatch costs more than the pass it saves (timed ad hoc, 2 threads).
+_MINMAX_FROM = 1 << 16
+
+
+@functools.cache
+def onednn_linear_available() -> bool:
+    """True when oneDNN's int8 Linear ops exist and this is an x86 CPU with kernels for them (VNNI or AMX; AVX2
+    at least)."""
+    from fabric_quant.kernels import cpu_features
+
+    is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    has_ops = hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qlinear_prepack")
+    return is_x86 and has_ops and torch.backends.mkldnn.is_available() and cpu_features()["avx2"]
+
+
+def quantize_per_token(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric per-row int8 codes and scales (shape (rows, 1), fp32) of a 2-D float tensor: the same codes and
+    scales as :func:`fabric_quant.numerics.quant.fake_quant_per_token` (absmax / 127, multiply by the reciprocal,
+    round half to even), in fewer passes."""
+    if rows.numel() >= _MINMAX_FROM:
+        absmax = torch.maximum(rows.amax(1, keepdim=True), rows.amin(1, keepdim=True).neg_())
+    else:
+        absmax = rows.abs().amax(1, keepdim=True)
+    scale = absmax.float().clamp_(min=_EPS).div_(127)
+    scaled = torch.mul(rows, scale.reciprocal())  # fp32 (a bf16 input is promoted exactly, as .float() does)
+    return scaled.round_().to(torch.int8), scale
+
+
+class KernelCache(dict):
+    """Derived kernel state (the packed weight): never deep-copied or pickled, rebuilt on first use."""
+
+    def __deepcopy__(self, memo) -> KernelCache:
+        return KernelCache()
+
+    def __reduce__(self):
+        return (KernelCache, ())
+
+
+def packed_weight(cache: KernelCache, qweight: torch.Tensor, int8_weight, weight_scale: torch.Tensor):
+    """oneDNN's packed copy of the int8 weight and its fp32 per-output-channel scales, built once and rebuilt when
+    the buffers are replaced or edited in place (their data pointers and version counters are the key; a
+    ``load_state_dict`` copies into them in place, which bumps the version)."""
+    key = (qweight.data_ptr(), _version(qweight), weight_scale.data_ptr(), _version(weight_scale))
+    if cache.get("key") != key:
+        weight = int8_weight()
+        # no input shape: one packing serves every batch size (timed: packing for the exact shape was no faster)
+        cache["packed"] = torch.ops.onednn.qlinear_prepack(weight, None)
+        cache["scale"] = weight_scale.detach().float().expand(weight.shape[0]).contiguous()
+        cache["key"] = key
+    return cache["packed"], cache["scale"]
+
+
+def _version(t: torch.Tensor) -> int:
+    # tensors made under inference_mode (a model copied or loaded there) have no version counter; they can only be
+    # edited in place under inference_mode too, which this key then cannot see (their data pointer still counts)
+    return -1 if t.is_inference() else t._version
+
+
+def dynamic_int8_linear(
+    rows: torch.Tensor,
+    packed: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    dtype: torch.dtype,
+    relu: bool = False,
+) -> torch.Tensor:
+    """``rows`` (2-D float) @ the packed int8 weight^T with per-token int8 activations, in ``dtype`` (+ ReLU)."""
+    if rows.shape[0] == 1:
+        return _one_token(rows, packed, w_scale, bias, dtype, relu)
+    q, scale = quantize_per_token(rows)
+    out = torch.ops.onednn.qlinear_pointwise(
+        q, 1.0, 0, packed, w_scale, None, None, 1.0, 0, dtype, "none", [], ""
+    )  # = int32 sum * w_scale, in dtype
+    scale = scale.to(dtype)
+    out = out.mul_(scale) if bias is None else torch.addcmul(bias.to(dtype), out, scale)
+    return out.relu_() if relu else out
+
+
+def _one_token(rows, packed, w_scale, bias, dtype, relu) -> torch.Tensor:
+    # One row (decoding, batch 1): its per-token scale is a per-tensor scale, which oneDNN takes by value, so
+    # the token scale, bias and ReLU all run inside the GEMM. The scale is computed in fp32 arithmetic exactly as
+    # the tensor path does it (clamp, / 127, reciprocal: IEEE-rounded in numpy.float32), so the codes are the same;
+    # this saves the small ops whose fixed cost dominates a one-row layer.
+    rows = rows if rows.dtype == torch.float32 else rows.float()
+    scale = numpy.float32(max(float(rows.abs().amax()), _EPS)) / numpy.float32(127)
+    q = torch.mul(rows, float(numpy.float32(1) / scale)).round_().to(torch.int8)
+    bias = None if bias is None else bias.to(dtype)
+    post_op = "relu" if relu else "none"
+    return torch.ops.onednn.qlinear_pointwise(
+        q, float(scale), 0, packed, w_scale, None, bias, 1.0, 0, dtype, post_op, [], ""
+    )

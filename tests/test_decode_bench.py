@@ -1,0 +1,58 @@
+import csv
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import decode  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"arms": ["bf16", "int3"]}, r"arms=\['int3'\]: valid choices are fp32, bf16"),
+        ({"batch_sizes": [0]}, r"batch_sizes=\[0\]"),
+        ({"new_tokens": 1}, "new_tokens=1"),
+    ],
+)
+def test_decode_bench_rejects_bad_options(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        decode.main(model="tiny", work_dir=tmp_path, out_dir=tmp_path / "out", **kwargs)
+    assert not (tmp_path / "model").exists()  # refused before building anything
+
+
+@pytest.mark.slow
+def test_decode_bench_tiny_end_to_end(tmp_path):
+    """Every arm kind on a tiny Llama: the bf16 reference first, teacher-forced comparisons, a compiled arm, and a
+    second run in the same work dir merging its rows into the report."""
+    common = {"model": "tiny", "batch_sizes": [1, 2], "prompt_tokens": 8, "new_tokens": 4, "work_dir": tmp_path,
+              "out_dir": tmp_path / "out"}  # fmt: skip
+    rows = decode.main(arms=["fp32", "woq-int4-g32", "ptq-dynamic-int8"], compile="eager", **common)
+    by = {(r["arm"], r["batch"]): r for r in rows}
+    assert {arm for arm, _ in by} == {"bf16", "fp32", "woq-int4-g32", "ptq-dynamic-int8"}  # bf16 added: reference
+    for row in rows:
+        assert not row.get("error"), row
+        assert row["decode_tps_total"] == pytest.approx(row["batch"] * row["decode_tps_per_seq"])
+        assert row["prefill_ms"] > 0 and row["peak_rss_mb"] > 0 and 0 <= row["token_agreement"] <= 1
+    for batch in (1, 2):
+        assert by[("bf16", batch)]["logit_cosine"] == 1.0 and by[("bf16", batch)]["tps_vs_bf16"] == 1.0
+        assert by[("fp32", batch)]["logit_cosine"] > 0.999  # the same weights, another float dtype
+        assert 0.9 < by[("woq-int4-g32", batch)]["logit_cosine"] < 1.0
+        assert by[("woq-int4-g32", batch)]["bytes_per_param"] < by[("bf16", batch)]["bytes_per_param"]
+    assert (tmp_path / "ref-8x4" / "b2" / "tokens.safetensors").is_file()
+
+    rows = decode.main(arms=["bf16"], compile="compiled", **{**common, "batch_sizes": [1]})
+    compiled = next(r for r in rows if r["compiled"])
+    assert not compiled.get("error"), compiled
+    assert compiled["compile_s"] > 0 and compiled["logit_cosine"] > 0.999 and math.isfinite(compiled["tps_vs_bf16"])
+    with open(tmp_path / "out" / "decode_tiny_cpu.csv") as f:
+        table = list(csv.DictReader(f))
+    assert len(table) == 9  # 4 arms x 2 batch sizes eager, merged with the compiled row
+    text = (tmp_path / "out" / "decode_tiny_cpu.md").read_text()
+    assert "--compile compiled" in text and "--compile eager" in text  # both commands named
+    assert "--arms '[\"bf16\"]'" in text
+    assert (tmp_path / "out" / "decode_tiny_cpu.png").stat().st_size > 0

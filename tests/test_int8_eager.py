@@ -1,0 +1,160 @@
+"""The eager oneDNN path of dynamic int8 Linear layers against the torch._int_mm reference: same codes, same
+outputs up to float rounding, derived state never saved, fallbacks."""
+
+import copy
+
+import pytest
+import torch
+
+import fabric_quant as fq
+from fabric_quant.nn import Int8Config, Int8Linear
+from fabric_quant.nn import int8 as int8_module
+from fabric_quant.nn.onednn_linear import onednn_linear_available, quantize_per_token
+from fabric_quant.numerics.quant import fake_quant_per_token
+
+needs_onednn = pytest.mark.skipif(not onednn_linear_available(), reason="needs oneDNN's int8 Linear on x86")
+
+
+def _reference(layer: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    layer.eager_kernel = False
+    try:
+        return layer(x)
+    finally:
+        del layer.eager_kernel  # back to the class default
+
+
+@pytest.mark.parametrize("shape", [(1, 64), (7, 300), (96, 1024)])  # the last one takes the amax/amin branch
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_per_token_gives_the_reference_codes_and_scales(shape, dtype):
+    torch.manual_seed(0)
+    x = (torch.randn(shape) * torch.logspace(-3, 2, shape[0])[:, None]).to(dtype)
+    x[0] = 0.0  # an all-zero token keeps a tiny scale and zero codes
+    x[-1, :4] = torch.tensor([2.5, -2.5, 0.5, -127.0]) * x[-1].float().abs().max() / 127  # ties: half to even
+    q, scale = quantize_per_token(x)
+    assert q.dtype == torch.int8 and scale.dtype == torch.float32 and scale.shape == (shape[0], 1)
+    assert torch.equal(q.float() * scale, fake_quant_per_token(x.float()))
+    assert torch.equal(q[0], torch.zeros_like(q[0]))
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape", [(2, 16, 2048), (1, 1, 2048)])  # many tokens; one token (scale fused in the GEMM)
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("config", [Int8Config(), Int8Config(per_channel=False), Int8Config(bits=4)])
+def test_onednn_path_matches_the_int_mm_reference(shape, bias, config):
+    torch.manual_seed(0)
+    layer = Int8Linear.from_float(torch.nn.Linear(2048, 640, bias=bias), config, relu=bias)
+    x = torch.randn(shape) * 3
+    with torch.inference_mode():
+        out, ref = layer(x), _reference(layer, x)
+    assert "packed" in layer._kernel  # it did run the oneDNN kernel
+    assert out.shape == ref.shape == (*shape[:-1], 640) and out.dtype == torch.float32
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert not bias or out.min() == 0  # the fused ReLU
+
+
+@needs_onednn
+def test_one_token_path_uses_the_reference_codes(monkeypatch):
+    seen = []
+    real = torch.ops.onednn.qlinear_pointwise
+
+    class Spy:
+        def __call__(self, q, x_scale, *args):
+            seen.append((q.clone(), x_scale))
+            return real(q, x_scale, *args)
+
+    torch.manual_seed(0)
+    layer = Int8Linear.from_float(torch.nn.Linear(2048, 640))
+    x = torch.randn(1, 2048) * 5
+    monkeypatch.setattr(torch.ops.onednn, "qlinear_pointwise", Spy())
+    with torch.inference_mode():
+        layer(x)
+    (q, x_scale), expected = seen[0], quantize_per_token(x)
+    assert torch.equal(q, expected[0]) and x_scale == expected[1].item()
+
+
+@needs_onednn
+def test_onednn_path_bf16_rest_matches_within_bf16_rounding():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.GELU(), torch.nn.Linear(512, 256))
+    q = fq.quantize_dynamic(net, dtype=torch.bfloat16)
+    x = torch.randn(32, 256).bfloat16()
+    with torch.inference_mode():
+        out = q(x)
+        for m in q.modules():
+            if isinstance(m, Int8Linear):
+                m.eager_kernel = False
+        ref = q(x)
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref.float(), rtol=0.02, atol=0.02)
+
+
+@needs_onednn
+def test_save_load_stays_bit_exact_and_the_packed_weight_is_rebuilt(tmp_path):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256))
+    q = fq.quantize_dynamic(net)
+    x = torch.randn(16, 256)
+    with torch.inference_mode():
+        before = q(x)  # packs the weights
+    assert all(not k.endswith(("packed", "_kernel")) for k in q.state_dict())
+    path = fq.save_quantized(q, tmp_path / "int8.safetensors")
+    other = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256))
+    fresh = fq.quantize_dynamic(other)  # different weights: packed on its first call, then replaced by the load
+    with torch.inference_mode():
+        fresh(x)
+    fq.load_quantized(fresh, path)
+    for (k, a), b in zip(q.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    with torch.inference_mode():
+        assert torch.equal(fresh(x), before)  # the packed weight follows the loaded codes
+    # an in-place edit of the codes (as load_state_dict does) repacks too
+    layer = q[0]
+    with torch.no_grad():
+        layer.qweight.neg_()
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), _reference(layer, x), rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
+def test_deepcopy_of_a_packed_model_repacks_its_own_weights():
+    torch.manual_seed(0)
+    q = fq.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(256, 512)))
+    x = torch.randn(16, 256)
+    with torch.inference_mode():
+        q(x)
+        clone = copy.deepcopy(q)
+        assert "packed" not in clone[0]._kernel
+        assert torch.equal(clone(x), q(x))
+
+
+def test_fallback_when_the_kernel_refuses(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise RuntimeError("onednn int8 linear: shape not supported")
+
+    torch.manual_seed(0)
+    layer = Int8Linear.from_float(torch.nn.Linear(512, 384))
+    x = torch.randn(16, 512)
+    with torch.inference_mode():
+        ref = _reference(layer, x)
+        monkeypatch.setattr(int8_module, "onednn_linear_available", lambda: True)
+        monkeypatch.setattr(int8_module, "dynamic_int8_linear", refuse)
+        assert torch.equal(layer(x), ref)  # the reference path, same numbers
+        assert layer._kernel.get("failed")  # and it is not tried again
+        assert torch.equal(layer(x), ref)
+
+
+def test_reference_path_where_the_kernel_does_not_apply(monkeypatch):
+    calls = []
+    monkeypatch.setattr(int8_module, "dynamic_int8_linear", lambda *a, **k: calls.append(1))
+    torch.manual_seed(0)
+    x = torch.randn(16, 512)
+    with torch.inference_mode():
+        small = Int8Linear.from_float(torch.nn.Linear(512, 8))  # under SMALL_MATMUL: float path
+        grouped = Int8Linear.from_float(torch.nn.Linear(512, 384), Int8Config(group_size=64))
+        small(x), grouped(x)
+        monkeypatch.setattr(int8_module, "onednn_linear_available", lambda: False)  # e.g. not an x86 CPU
+        Int8Linear.from_float(torch.nn.Linear(512, 384))(x)
+        monkeypatch.setattr(int8_module, "onednn_linear_available", lambda: True)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # what dynamo traces
+        Int8Linear.from_float(torch.nn.Linear(512, 384))(x)
+    assert calls == []
