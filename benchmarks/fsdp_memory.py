@@ -9,8 +9,8 @@ Per rank, as the recipe shards (docs/fsdp.md): packed base blocks / N (4 bits pe
 per 64 weights + one fp32 per 256 of those: nf4-dq = 4.127 bits); replicated: the bf16 embedding and head, LoRA
 parameters with their gradients and AdamW's two states; and the working set: two gathered blocks (the one
 computing and the one prefetched, packed), activations with gradient checkpointing (each block's bf16 input
-kept, one block recomputed at a time), and the chunked loss (256 tokens x vocabulary in fp32 and bf16). Runtime overheads (CUDA context, allocator slack, communication
-buffers) are not included: add 1-3 GB per GPU.
+kept, one block recomputed at a time), and the chunked loss (256 tokens x vocabulary in fp32 and bf16). Runtime
+overheads (CUDA context, allocator slack, communication buffers) are not included: add 1-3 GB per GPU.
 """
 
 from __future__ import annotations
