@@ -25,11 +25,11 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
 
 from fabric_quant.checkpoint import load_tensors, save_tensors
 from fabric_quant.modules import embedding_modules, transformer_blocks
-from fabric_quant.nn.base import local, quantized_layers
+from fabric_quant.nn.base import local, quantized_layers, set_whole, whole
 from fabric_quant.nn.bnb import Linear4bit
 
 
@@ -89,9 +89,10 @@ def sync_gradients(model: torch.nn.Module) -> None:
 
 
 def shard_on_load(mesh=None, *, reshard_after_forward: bool = True, cpu_offload: bool = False):
-    """A callback for ``fq.from_pretrained(..., on_block_loaded=...)``: each block (and the embedding group) is
-    sharded as soon as its tensors are loaded, so a rank never holds more than its shards plus one block, even
-    while loading (a 70B base packed is 35 GB: more than one 24 GB GPU). ``shard_model`` then shards the root."""
+    """A callback for ``fq.from_pretrained(..., on_block_loaded=...)``: each transformer block is sharded as soon as
+    its tensors are loaded (the embedding group stays replicated, see :func:`shard_model`), so a rank never holds
+    more than its shards plus one block, even while loading (a 70B base packed is 35 GB: more than one 24 GB GPU).
+    ``shard_model`` then shards the root."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
 
     policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
@@ -99,17 +100,16 @@ def shard_on_load(mesh=None, *, reshard_after_forward: bool = True, cpu_offload:
     def shard(modules: list[torch.nn.Module]) -> None:
         if isinstance(modules[0], torch.nn.Embedding):
             return  # the embedding (and head) stay replicated: see shard_model
-        check_shardable(torch.nn.ModuleList(modules))
-        target = modules[0] if len(modules) == 1 else modules
-        fully_shard(target, mesh=mesh, reshard_after_forward=reshard_after_forward or len(modules) > 1,
-                    offload_policy=policy)  # fmt: skip
+        (block,) = modules  # the loader hands each transformer block alone
+        check_shardable(block)
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
 
     return shard
 
 
 @contextmanager
 def gathered_root(model: torch.nn.Module) -> Iterator[None]:
-    """Keep the root unit's parameters (embedding, final norm, head) gathered: for calls that use submodules
+    """Keep the root unit's parameters (the final norm) gathered: for calls that use submodules
     directly instead of the root's forward, e.g. transformers' ``generate`` (each block still gathers its own).
     Collective: every rank must make the same calls inside."""
     from torch.distributed.fsdp import FSDPModule
@@ -128,14 +128,10 @@ def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
 
-def _full(tensor: torch.Tensor) -> torch.Tensor:
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
 def iter_full_state(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's state dict (quantization statistics included), each sharded tensor gathered in turn."""
     for key, value in model.state_dict().items():
-        yield key, _full(value).detach()
+        yield key, whole(value).detach()
 
 
 def full_state_dict(model: torch.nn.Module, rank0_only: bool = True) -> dict[str, torch.Tensor]:
@@ -168,13 +164,10 @@ def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor])
         raise ValueError(f"state dict does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     with torch.no_grad():
         for key, target in own.items():
-            source = state[key].to(device=local(target).device, dtype=target.dtype)
-            if isinstance(target, DTensor):  # every rank has the whole tensor: cut locally, no communication
-                source = distribute_tensor(source, target.device_mesh, target.placements, src_data_rank=None)
-            if tuple(source.shape) != tuple(target.shape):
-                raise ValueError(f"{key}: shape {tuple(source.shape)} in the state dict, {tuple(target.shape)} in the"
-                                 " model")  # fmt: skip
-            local(target).copy_(local(source))
+            if tuple(state[key].shape) != tuple(target.shape):  # a DTensor's shape is the whole one
+                raise ValueError(f"{key}: shape {tuple(state[key].shape)} in the state dict, {tuple(target.shape)} in"
+                                 " the model")  # fmt: skip
+            set_whole(target, state[key])
 
 
 def packed_digest(model: torch.nn.Module) -> str:
@@ -183,7 +176,7 @@ def packed_digest(model: torch.nn.Module) -> str:
     digest = hashlib.sha256()
     for name, layer in quantized_layers(model):
         digest.update(name.encode())
-        digest.update(_full(layer.weight).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(whole(layer.weight).detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         for key, value in sorted(layer.quant_state.as_dict(packed=True).items()):
             digest.update(key.encode() + value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()

@@ -46,12 +46,12 @@ from fabric_quant.finetune.state import (
     read_run,
     save_adapter,
     save_checkpoint,
-    set_whole,
     trainable_state,
 )
 from fabric_quant.fsdp import gathered_root, shard_model, shard_on_load, sync_gradients
 from fabric_quant.memory import fix_mmap_threshold
 from fabric_quant.models import minilm_path
+from fabric_quant.nn.base import set_whole
 from fabric_quant.report import peak_memory_mb
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch.nn import functional
 
-from fabric_quant.nn.base import QuantizedLinear
+from fabric_quant.nn.base import QuantizedLinear, whole
 
 IGNORE_INDEX = -100
 # Architectures whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)` (no logit scaling or
@@ -82,12 +82,6 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch
     else:
         total, _ = _chunked(flat, weight, bias, targets, chunk, want_grad=False)
     return total / targets.numel()  # 0/0 = nan with no target, as transformers' mean reduction gives
-
-
-def whole(tensor: torch.Tensor) -> torch.Tensor:
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
 
 
 class LossOutput(dict):

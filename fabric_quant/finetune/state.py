@@ -20,6 +20,7 @@ from fabric_quant.checkpoint import (
     verify_manifest,
     write_manifest,
 )
+from fabric_quant.nn.base import set_whole, whole
 
 LATEST = "latest.json"
 RUN = "run.json"
@@ -27,23 +28,7 @@ RUN = "run.json"
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The trained tensors, whole: sharded (FSDP) ones are gathered, so every rank must call it."""
-    from torch.distributed.tensor import DTensor
-
-    def whole(p: torch.Tensor) -> torch.Tensor:
-        return (p.full_tensor() if isinstance(p, DTensor) else p).detach().contiguous()
-
-    return {name: whole(p) for name, p in model.named_parameters() if p.requires_grad}
-
-
-def set_whole(param: torch.Tensor, value: torch.Tensor) -> None:
-    """Copy a whole tensor into a parameter; a sharded one keeps its own shard (cut locally, no communication)."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
-
-    if isinstance(param, DTensor):
-        value = distribute_tensor(value.to(param.dtype), param.device_mesh, param.placements, src_data_rank=None)
-        param.to_local().copy_(value.to_local())
-    else:
-        param.copy_(value)
+    return {name: whole(p).detach().contiguous() for name, p in model.named_parameters() if p.requires_grad}
 
 
 def is_sharded(model: torch.nn.Module) -> bool:

@@ -19,6 +19,24 @@ def local(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of a sharded (FSDP2 DTensor) one, gathered (collective), or the tensor itself."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def set_whole(target: torch.Tensor, value: torch.Tensor) -> None:
+    """Copy a whole tensor into ``target``; a sharded one keeps its own shard (every rank holds ``value``: cut
+    locally, no communication)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    value = value.to(device=local(target).device, dtype=target.dtype)
+    if isinstance(target, DTensor):
+        value = distribute_tensor(value, target.device_mesh, target.placements, src_data_rank=None)
+    local(target).copy_(local(value))
+
+
 @dataclass(frozen=True)
 class Storage:
     """How many bytes a quantized weight takes, split the way QLoRA accounts for it."""
