@@ -157,7 +157,8 @@ def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor])
         if getattr(layer.weight, "quant_state", None) is not None:  # an unsharded Params4bit
             layer.weight.quant_state = layer.quant_state
     saved = set(model.state_dict())  # persistent tensors only (not e.g. rotary tables the model computes)
-    own = {k: v for k, v in [*model.named_parameters(), *model.named_buffers()] if k in saved}
+    own = {k: v for k, v in [*model.named_parameters(remove_duplicate=False),
+                             *model.named_buffers(remove_duplicate=False)] if k in saved}  # tied: both names
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:

@@ -67,6 +67,7 @@ def from_pretrained(
     ignore_modules: Iterable[str] | None = None,
     progress: bool = True,
     on_block_loaded: Callable[[list[torch.nn.Module]], None] | None = None,
+    on_model_built: Callable[[torch.nn.Module], Any] | None = None,
     **config_kwargs: Any,
 ) -> torch.nn.Module:
     """The transformers model for ``task`` from a local folder, quantized with a bitsandbytes ``mode`` while loading.
@@ -82,6 +83,9 @@ def from_pretrained(
         on_block_loaded: called with each transformer block (as a one-element list) as soon as all its tensors
             are loaded, and with the input embedding and output head together once the embedding is: e.g.
             ``fabric_quant.fsdp.shard_on_load(mesh)``, so that a rank never holds the whole model.
+        on_model_built: called with the model on the meta device (its Linear layers replaced) before any tensor
+            loads, e.g. ``fabric_quant.vocab_parallel.vocab_parallel_``; a module with a ``load_rows_`` method
+            (there, the vocabulary-parallel embedding) then takes its own part of each tensor it owns.
         config_kwargs: config overrides, e.g. ``num_labels``, ``id2label``, ``label2id``.
     The result equals quantizing the model loaded whole in ``dtype`` (same codes, same outputs); tied weights
     are tied, buffers computed at construction (rotary tables) are kept, and weights missing from the checkpoint
@@ -114,6 +118,8 @@ def from_pretrained(
             raise ValueError(f"{path}: the output head shares the input embedding's weight (tie_word_embeddings);"
                              " it cannot be quantized on its own: keep it in ignore_modules")  # fmt: skip
 
+    if on_model_built is not None:
+        on_model_built(model)
     names = set(model.state_dict())
     computed = {name for name, _ in model.named_buffers()} - names  # non-persistent buffers
     prefix = getattr(model, "base_model_prefix", "")
@@ -131,7 +137,9 @@ def from_pretrained(
             continue
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name)
-        if isinstance(module, QuantizedLinear) and attr == "weight":
+        if hasattr(module, "load_rows_") and attr == "weight":
+            module.load_rows_(tensor)  # this rank's rows only: the rest of the mapped tensor is never read
+        elif isinstance(module, QuantizedLinear) and attr == "weight":
             module.quantize_(tensor.to(dtype), device)  # rounded to dtype first: equal to quantizing the loaded model
             if not module.statistics_finite():  # checked on the block statistics: cheaper than every weight
                 raise ValueError(f"{path}: {key} holds non-finite values (NaN/inf): refusing to quantize it")

@@ -49,6 +49,7 @@ from fabric_quant.finetune.state import (
     trainable_state,
 )
 from fabric_quant.fsdp import gathered_root, shard_model, shard_on_load, sync_gradients
+from fabric_quant.vocab_parallel import vocab_parallel_
 from fabric_quant.memory import fix_mmap_threshold
 from fabric_quant.models import minilm_path
 from fabric_quant.nn.base import set_whole
@@ -160,6 +161,13 @@ def _shard_on_load(fabric, config: dict):
                          reshard_after_forward=options["reshard_after_forward"])  # fmt: skip
 
 
+def _vocab_parallel(config: dict):
+    """Under FSDP (by default), the embedding and head are split by vocabulary rows as the model is built."""
+    if config["strategy"] != "fsdp" or not config["fsdp"]["vocab_parallel"]:
+        return None
+    return vocab_parallel_
+
+
 def _check_out_dir(out_dir: Path, resume, overwrite: bool) -> dict | None:
     """Never overwrite a run by accident: a non-empty out_dir needs resume (or overwrite); a finished run
     (metrics.json is written last) is not resumed: the metrics are returned and nothing is touched."""
@@ -233,7 +241,8 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
     with fabric.rank_zero_first():  # quantized while it loads (before LoRA: the adapters stay float)
         net = load_model(path, task, train_set.labels, plugin.mode if plugin else None, compute_dtype, fabric.device,
                          model_args.ignore_modules, progress=fabric.global_rank == 0,
-                         on_block_loaded=_shard_on_load(fabric, config))  # fmt: skip
+                         on_block_loaded=_shard_on_load(fabric, config),
+                         on_model_built=_vocab_parallel(config))  # fmt: skip
     load_time, memory_after_load = time.perf_counter() - load_start, peak_memory_mb(fabric.device)
     heads = head_names(net, task)
     if train.gradient_checkpointing:

@@ -169,3 +169,26 @@ def test_move_to_device_false_still_quantizes_before_first_forward(mode):
     model = fabric.setup_module(make_net(), move_to_device=False)
     model(torch.randn(2, 512))
     assert model.module.fc1.is_quantized()
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("compress_statistics", [False, True])
+@pytest.mark.parametrize("shape", [(1536, 1024), (777, 40), (3, 5)])
+def test_piecewise_quantization_equals_bitsandbytes(quant_type, compress_statistics, shape, monkeypatch):
+    """The loader quantizes a few rows at a time (small temporaries); the packed bytes and every statistic must be
+    bitsandbytes' own for the whole tensor, including shapes whose blocks do not align with rows."""
+    import bitsandbytes.functional as F
+
+    from fabric_quant.nn import bnb as fq_bnb
+
+    monkeypatch.setattr(fq_bnb, "_QUANTIZE_PIECE", 4096)  # many pieces even for the small shapes
+    weight = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.05).to(torch.bfloat16)
+    ref_packed, ref_state = F.quantize_4bit(weight, blocksize=64, compress_statistics=compress_statistics,
+                                           quant_type=quant_type, quant_storage=torch.uint8)  # fmt: skip
+    packed, state = fq_bnb.quantize_4bit_rows(weight, torch.device("cpu"), 64, quant_type, compress_statistics,
+                                              torch.uint8)  # fmt: skip
+    assert torch.equal(packed, ref_packed)
+    ours, ref = state.as_dict(packed=True), ref_state.as_dict(packed=True)
+    assert ours.keys() == ref.keys()
+    for key in ref:
+        assert torch.equal(ours[key].view(torch.uint8), ref[key].view(torch.uint8)), key

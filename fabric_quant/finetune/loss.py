@@ -11,10 +11,13 @@ summation order (same bf16 matmuls, fp32 log-softmax; tests compare them).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch.nn import functional
 
 from fabric_quant.nn.base import QuantizedLinear, whole
+from fabric_quant.vocab_parallel import VocabParallelHead, chunked_cross_entropy
 
 IGNORE_INDEX = -100
 # Architectures whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)` (no logit scaling or
@@ -40,7 +43,7 @@ def fused_head_supported(model) -> bool:
     )
 
 
-def _chunked(hidden, weight, bias, targets, chunk: int, want_grad: bool):
+def _chunked(hidden, targets, chunk: int, want_grad: bool, *, weight, bias):
     """Sum of the token losses of ``hidden @ weight.T + bias`` and, if ``want_grad``, its gradient w.r.t. hidden."""
     total = torch.zeros((), dtype=torch.float32, device=hidden.device)
     grad = torch.empty_like(hidden) if want_grad else None
@@ -58,29 +61,34 @@ def _chunked(hidden, weight, bias, targets, chunk: int, want_grad: bool):
 
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk: int):
-        total, grad = _chunked(hidden, weight, bias, targets, chunk, want_grad=True)
+    def forward(ctx, hidden, targets, chunk: int, compute):
+        total, grad = compute(hidden, targets, chunk, True)
         ctx.save_for_backward(grad)
         return total
 
     @staticmethod
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None, None
+        return grad * grad_total.to(grad.dtype), None, None, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, labels: torch.Tensor,
-                         chunk: int) -> torch.Tensor:  # fmt: skip
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                         labels: torch.Tensor, chunk: int, head: VocabParallelHead | None = None) -> torch.Tensor:  # fmt: skip
     """Mean next-token cross entropy of ``hidden @ weight.T + bias`` against ``labels`` (shifted by one, ``-100``
-    ignored), as transformers' ``ForCausalLMLoss`` computes it, ``chunk`` tokens at a time. ``weight`` is frozen."""
+    ignored), as transformers' ``ForCausalLMLoss`` computes it, ``chunk`` tokens at a time. ``weight`` is frozen.
+    With a vocabulary-parallel ``head`` (``weight`` and ``bias`` unused), each rank's rows of it (collective)."""
     flat = hidden[:, :-1].reshape(-1, hidden.shape[-1])
     targets = labels[:, 1:].reshape(-1).to(hidden.device)
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)  # prompt and padding tokens cost no head matmul
     flat, targets = flat.index_select(0, keep), targets.index_select(0, keep)
-    if torch.is_grad_enabled() and flat.requires_grad:
-        total = _LinearCrossEntropy.apply(flat, weight, bias, targets, chunk)
+    if head is not None:
+        compute = functools.partial(chunked_cross_entropy, head=head)
     else:
-        total, _ = _chunked(flat, weight, bias, targets, chunk, want_grad=False)
+        compute = functools.partial(_chunked, weight=weight, bias=bias)
+    if torch.is_grad_enabled() and flat.requires_grad:
+        total = _LinearCrossEntropy.apply(flat, targets, chunk, compute)
+    else:
+        total, _ = compute(flat, targets, chunk, False)
     return total / targets.numel()  # 0/0 = nan with no target, as transformers' mean reduction gives
 
 
@@ -103,6 +111,8 @@ class ChunkedLossLM(torch.nn.Module):
         base = _base(self.model)
         out = base.get_decoder()(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         head = base.get_output_embeddings()
+        if isinstance(head, VocabParallelHead):  # each rank's rows of the vocabulary (collective)
+            return LossOutput(loss=linear_cross_entropy(out.last_hidden_state, None, None, labels, self.chunk, head))
         # sharded (FSDP): the head's forward, which would gather it, is not called here; gather the frozen weight
         # for the loss only (the backward needs nothing of it)
         weight, bias = (whole(t) if t is not None else None for t in (head.weight, head.bias))

@@ -16,14 +16,15 @@ _TASK_TYPE = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
 
 def load_model(path: Path, task: str, labels: list[str] | None, mode: str | None, dtype: torch.dtype, device=None,
-               ignore_modules=None, progress: bool = True, on_block_loaded=None):  # fmt: skip
+               ignore_modules=None, progress: bool = True, on_block_loaded=None, on_model_built=None):  # fmt: skip
     """The Hugging Face model for ``task``, quantized with ``mode`` while it loads (None: plain ``dtype``)."""
     kwargs = {}
     if task == "sequence-classification":
         kwargs = {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                   "label2id": {name: i for i, name in enumerate(labels)}}  # fmt: skip
     return from_pretrained(path, mode, task=task, dtype=dtype, device=device, ignore_modules=ignore_modules,
-                           progress=progress, on_block_loaded=on_block_loaded, **kwargs)  # fmt: skip
+                           progress=progress, on_block_loaded=on_block_loaded, on_model_built=on_model_built,
+                           **kwargs)  # fmt: skip
 
 
 def head_names(model, task: str) -> list[str]:

@@ -54,6 +54,41 @@ def _check_float(weight: torch.Tensor, key: str, error_msgs: list[str]) -> bool:
     return True
 
 
+# Elements quantized per piece: bitsandbytes' portable kernel (the CPU path) holds about 16 bytes of temporaries
+# per element (fp32 copies, the scaled values, int32 bucket indices), 270 MB for one 8192 x 2048 weight; in pieces
+# of 2^20 elements they stay near 16 MB, and the loader's peak is the model plus one float weight.
+_QUANTIZE_PIECE = 1 << 20
+
+
+def quantize_4bit_rows(weight: torch.Tensor, device: torch.device, blocksize: int, quant_type: str,
+                       compress_statistics: bool, quant_storage: torch.dtype):  # fmt: skip
+    """``bitsandbytes.functional.quantize_4bit(weight.to(device), ...)``, computed a few rows at a time: the same
+    packed bytes and statistics (blocks never straddle a piece, and the double quantization of the block
+    constants runs once over all of them, as bitsandbytes does), a fraction of the temporaries."""
+    from bitsandbytes.functional import QuantState, get_4bit_type, quantize_blockwise
+
+    rows = weight.reshape(-1, weight.shape[-1]) if weight.dim() > 1 else weight.reshape(1, -1)
+    per_piece = max(1, _QUANTIZE_PIECE // rows.shape[1])
+    while per_piece < rows.shape[0] and (per_piece * rows.shape[1]) % (2 * blocksize):
+        per_piece += 1  # whole blocks and whole bytes per piece, or one piece
+    packed, absmax = [], []
+    for start in range(0, rows.shape[0], per_piece):
+        piece = rows[start : start + per_piece].contiguous().to(device)
+        out, scale = torch.ops.bitsandbytes.quantize_4bit.default(piece, blocksize, quant_type, quant_storage)
+        packed.append(out.reshape(-1))
+        absmax.append(scale.reshape(-1))
+        del piece, out, scale
+    packed = torch.cat(packed).unsqueeze(1) if len(packed) > 1 else packed[0].unsqueeze(1)
+    absmax = torch.cat(absmax) if len(absmax) > 1 else absmax[0]
+    common = {"shape": weight.shape, "dtype": weight.dtype, "blocksize": blocksize, "quant_type": quant_type,
+              "code": get_4bit_type(quant_type, device=absmax.device)}  # fmt: skip
+    if not compress_statistics:
+        return packed, QuantState(absmax=absmax, **common)
+    offset = absmax.mean()
+    qabsmax, state2 = quantize_blockwise(absmax - offset, blocksize=256)
+    return packed, QuantState(absmax=qabsmax, offset=offset, state2=state2, **common)
+
+
 class _LoadMixin:
     """Shared load and initialisation logic of the two layer kinds: the layer pops its own weight keys, then lets
     ``nn.Module`` load the bias; ``to_empty`` and ``reset_parameters`` work on a float weight and quantize it (a
@@ -154,16 +189,12 @@ class Linear4bit(_LoadMixin, bnb.nn.Linear4bit, QuantizedLinear):
         if device is None:
             raise RuntimeError("Cannot quantize a weight on the meta device; load a checkpoint into the layer first.")
         old = self.weight
-        params = bnb.nn.Params4bit(
-            weight.detach().to(device),
-            requires_grad=False,
-            blocksize=old.blocksize,
-            compress_statistics=old.compress_statistics,
-            quant_type=old.quant_type,
-            quant_storage=old.quant_storage,
-            module=self,
-        )
-        self.weight = params._quantize(device)
+        packed, state = quantize_4bit_rows(weight.detach(), device, old.blocksize, old.quant_type,
+                                           old.compress_statistics, old.quant_storage)  # fmt: skip
+        self.weight = bnb.nn.Params4bit(packed, requires_grad=False, quant_state=state, blocksize=old.blocksize,
+                                        compress_statistics=old.compress_statistics, quant_type=old.quant_type,
+                                        quant_storage=old.quant_storage, module=self, bnb_quantized=True)  # fmt: skip
+        self.quant_state = state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # `fabric.setup_module(..., move_to_device=False)` skips the move that quantizes converted layers.
