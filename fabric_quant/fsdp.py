@@ -38,21 +38,40 @@ def check_shardable(model: torch.nn.Module) -> None:
     for name, layer in quantized_layers(model):
         mode = getattr(layer, "fq_mode", type(layer).__name__)
         if not isinstance(layer, Linear4bit):
-            raise ValueError(f"layer {name!r} ({mode}): only the 4-bit bitsandbytes modes can be sharded (nf4,"
-                             " nf4-dq, fp4, fp4-dq); int8 layers keep their scales in the parameter FSDP replaces")
+            raise ValueError(
+                f"layer {name!r} ({mode}): only the 4-bit bitsandbytes modes can be sharded (nf4,"
+                " nf4-dq, fp4, fp4-dq); int8 layers keep their scales in the parameter FSDP replaces"
+            )
         if not layer.is_quantized():
             raise ValueError(f"layer {name!r} is not quantized yet: quantize (e.g. fq.from_pretrained(path, mode))"
                              " before sharding; a sharded float weight cannot be quantized")  # fmt: skip
         if layer.weight.dtype != torch.uint8:
-            raise ValueError(f"layer {name!r} stores its packed weight as {layer.weight.dtype}; FSDP2 shards uint8"
-                             " storage as it is (quant_storage=torch.uint8): float storage risks NaN rewriting")
+            raise ValueError(
+                f"layer {name!r} stores its packed weight as {layer.weight.dtype}; FSDP2 shards uint8"
+                " storage as it is (quant_storage=torch.uint8): float storage risks NaN rewriting"
+            )
+
+
+def _shard_block(block: torch.nn.Module, per_layer: bool, **kwargs) -> None:
+    """``fully_shard`` a transformer block; with ``per_layer``, each of its 4-bit layers first as a unit of its own
+    (the block's unit keeps the rest: norms). Why per layer: a rank then holds one layer gathered (plus the next,
+    prefetched) instead of a whole block: at the 1B shape 8 MB instead of 31 MB per unit, which FSDP2 holds up to
+    three times over while gathering (send buffer, receive buffer, copied-out parameters) and once more prefetched."""
+    from torch.distributed.fsdp import fully_shard
+
+    if per_layer:
+        for _, layer in quantized_layers(block):
+            fully_shard(layer, **kwargs)
+    fully_shard(block, **kwargs)
 
 
 def shard_model(model: torch.nn.Module, mesh=None, *, blocks: list[torch.nn.Module] | None = None,
-                reshard_after_forward: bool = True, cpu_offload: bool = False) -> torch.nn.Module:  # fmt: skip
-    """``fully_shard`` each transformer block, then the root (final norm), over ``mesh`` (default: all ranks); the
-    embedding, the output head and trainable parameters added after sharding stay replicated. ``cpu_offload``:
-    parameters, gradients and optimizer state live on the CPU between uses (CUDA)."""
+                reshard_after_forward: bool = True, cpu_offload: bool = False,
+                per_layer: bool = True) -> torch.nn.Module:  # fmt: skip
+    """``fully_shard`` each transformer block (with ``per_layer``, each 4-bit layer in it first), then the root
+    (final norm), over ``mesh`` (default: all ranks); the embedding, the output head and trainable parameters added
+    after sharding are left out (see below). ``cpu_offload``: parameters, gradients and optimizer state live on the
+    CPU between uses (CUDA)."""
     from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
     check_shardable(model)
@@ -60,13 +79,14 @@ def shard_model(model: torch.nn.Module, mesh=None, *, blocks: list[torch.nn.Modu
     kwargs = {"mesh": mesh, "reshard_after_forward": reshard_after_forward, "offload_policy": policy}
     for block in blocks if blocks is not None else transformer_blocks(model):
         if not isinstance(block, FSDPModule):  # else sharded already, e.g. by the loader (shard_on_load)
-            fully_shard(block, **kwargs)
-    # Replicated on every rank, as in DDP:
-    # - the input embedding and output head: gathering a 128K-token table costs twice its size while FSDP2 copies
-    #   it out (measured: the 1B shape's per-rank peak rose above DDP's with it sharded), and the root would keep
-    #   it gathered through the whole step; sharding it well needs a vocabulary-parallel lookup and loss;
-    # - trainable parameters added after the blocks were sharded (LoRA adapters, by peft, after a sharded load):
-    #   small, and FSDP cannot add parameters to a unit already sharded (:func:`sync_gradients` averages them).
+            _shard_block(block, per_layer, **kwargs)
+    # Left out of the root unit: the input embedding and output head (frozen; vocabulary-parallel when the model
+    # was built with fabric_quant.vocab_parallel, else whole on every rank, as in DDP: FSDP2 would gather a
+    # 128K-token table whole for every lookup, twice its size while copying it out), and any other trainable
+    # parameter added after sharding: the LoRA adapters (peft adds them after a sharded load, and FSDP cannot add
+    # parameters to a unit already built) and a classifier. They are small (LoRA r=8 on every Linear of the 1B
+    # shape: 11 MB, about 45 MB with gradients and AdamW state; as FSDP units of their own they measured the same
+    # peak within 10 MB and a 1.2x slower step), and :func:`sync_gradients` averages their gradients at once.
     embedding = {p for m in embedding_modules(model) for p in m.parameters()}
     replicated = {p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)}
     fully_shard(model, **kwargs, ignored_params=embedding | replicated)
@@ -88,12 +108,12 @@ def sync_gradients(model: torch.nn.Module) -> None:
         offset += g.numel()
 
 
-def shard_on_load(mesh=None, *, reshard_after_forward: bool = True, cpu_offload: bool = False):
+def shard_on_load(mesh=None, *, reshard_after_forward: bool = True, cpu_offload: bool = False, per_layer: bool = True):
     """A callback for ``fq.from_pretrained(..., on_block_loaded=...)``: each transformer block is sharded as soon as
     its tensors are loaded (the embedding group stays replicated, see :func:`shard_model`), so a rank never holds
     more than its shards plus one block, even while loading (a 70B base packed is 35 GB: more than one 24 GB GPU).
     ``shard_model`` then shards the root."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
 
     policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
 
@@ -102,7 +122,7 @@ def shard_on_load(mesh=None, *, reshard_after_forward: bool = True, cpu_offload:
             return  # the embedding (and head) stay replicated: see shard_model
         (block,) = modules  # the loader hands each transformer block alone
         check_shardable(block)
-        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
+        _shard_block(block, per_layer, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
 
     return shard
 
@@ -157,8 +177,11 @@ def load_full_state_dict(model: torch.nn.Module, state: dict[str, torch.Tensor])
         if getattr(layer.weight, "quant_state", None) is not None:  # an unsharded Params4bit
             layer.weight.quant_state = layer.quant_state
     saved = set(model.state_dict())  # persistent tensors only (not e.g. rotary tables the model computes)
-    own = {k: v for k, v in [*model.named_parameters(remove_duplicate=False),
-                             *model.named_buffers(remove_duplicate=False)] if k in saved}  # tied: both names
+    own = {
+        k: v
+        for k, v in [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+        if k in saved
+    }  # tied: both names
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:

@@ -55,7 +55,9 @@ class _VocabRows:
         rows are read)."""
         part = local(self.weight)
         if tuple(value.shape) != tuple(self.weight.shape):
-            raise ValueError(f"vocabulary table of shape {tuple(value.shape)}; the model's is {tuple(self.weight.shape)}")
+            raise ValueError(
+                f"vocabulary table of shape {tuple(value.shape)}; the model's is {tuple(self.weight.shape)}"
+            )
         with torch.no_grad():
             part.copy_(value[self.vocab_start : self.vocab_start + part.shape[0]])
 
@@ -92,7 +94,9 @@ class VocabParallelEmbedding(_VocabRows, torch.nn.Embedding):
         return found[self.rank, : ids.numel()].reshape(*input_ids.shape, self.embedding_dim).clone()
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, rows {self.vocab_start}.. on rank {self.rank}/{self.world}"
+        return (
+            f"{self.num_embeddings}, {self.embedding_dim}, rows {self.vocab_start}.. on rank {self.rank}/{self.world}"
+        )
 
 
 class VocabParallelHead(_VocabRows, torch.nn.Linear):
@@ -184,6 +188,9 @@ def vocab_parallel_(model: torch.nn.Module, mesh=None) -> torch.nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
 
     if mesh is None:
+        if not dist.is_initialized():
+            raise RuntimeError("vocab_parallel_ splits the vocabulary over the ranks of torch.distributed:"
+                               " initialise it first (Fabric's strategy, torchrun + init_process_group)")  # fmt: skip
         device = "cuda" if torch.cuda.is_available() else "cpu"
         mesh = init_device_mesh(device, (dist.get_world_size(),))
     if mesh.ndim != 1:

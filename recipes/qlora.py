@@ -49,11 +49,11 @@ from fabric_quant.finetune.state import (
     trainable_state,
 )
 from fabric_quant.fsdp import gathered_root, shard_model, shard_on_load, sync_gradients
-from fabric_quant.vocab_parallel import vocab_parallel_
 from fabric_quant.memory import fix_mmap_threshold
 from fabric_quant.models import minilm_path
 from fabric_quant.nn.base import set_whole
 from fabric_quant.report import peak_memory_mb
+from fabric_quant.vocab_parallel import vocab_parallel_
 
 
 def setup(

@@ -177,13 +177,13 @@ def test_move_to_device_false_still_quantizes_before_first_forward(mode):
 def test_piecewise_quantization_equals_bitsandbytes(quant_type, compress_statistics, shape, monkeypatch):
     """The loader quantizes a few rows at a time (small temporaries); the packed bytes and every statistic must be
     bitsandbytes' own for the whole tensor, including shapes whose blocks do not align with rows."""
-    import bitsandbytes.functional as F
+    from bitsandbytes.functional import quantize_4bit
 
     from fabric_quant.nn import bnb as fq_bnb
 
     monkeypatch.setattr(fq_bnb, "_QUANTIZE_PIECE", 4096)  # many pieces even for the small shapes
     weight = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.05).to(torch.bfloat16)
-    ref_packed, ref_state = F.quantize_4bit(weight, blocksize=64, compress_statistics=compress_statistics,
+    ref_packed, ref_state = quantize_4bit(weight, blocksize=64, compress_statistics=compress_statistics,
                                            quant_type=quant_type, quant_storage=torch.uint8)  # fmt: skip
     packed, state = fq_bnb.quantize_4bit_rows(weight, torch.device("cpu"), 64, quant_type, compress_statistics,
                                               torch.uint8)  # fmt: skip

@@ -81,13 +81,13 @@ def test_fsdp_two_processes_equal_one_process_and_resume_exactly(llama_dir, inst
         assert a.keys() == b.keys() and len(a) > 0
         for key in a:
             torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=atol, msg=f"{run.name}: {key}")
-    # the merged models are saved in bf16: the vocabulary-parallel run's last-bit differences may round an entry
-    # to the neighbouring bf16 value (one step: at most 2^-7 relative)
+    # the merged models are saved in bf16: last-bit differences of the adapters may round an entry to the
+    # neighbouring bf16 value (one step: at most 2^-7 relative)
     merged_a = load_file(next((one / "final" / "merged").glob("model-*.safetensors")))
-    for run, rtol in ((whole, 1e-5), (fsdp, 2**-7)):
+    for run in (whole, fsdp):
         merged_b = load_file(next((run / "final" / "merged").glob("model-*.safetensors")))
         for key in merged_a:
-            torch.testing.assert_close(merged_b[key], merged_a[key], rtol=rtol, atol=1e-6, msg=f"{run.name}: {key}")
+            torch.testing.assert_close(merged_b[key], merged_a[key], rtol=2**-7, atol=1e-6, msg=f"{run.name}: {key}")
     metrics = json.loads((fsdp / "metrics.json").read_text())
     assert metrics["sample_generation"]["new_tokens"] > 0
 
@@ -292,3 +292,11 @@ def test_vocabulary_parallel_embedding_and_loss_equal_the_whole_table(llama_dir,
                           timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "rank 0 ok" in proc.stdout and "rank 1 ok" in proc.stdout
+
+
+def test_vocab_parallel_needs_a_process_group(llama_dir):
+    import fabric_quant as fq
+    from fabric_quant.vocab_parallel import vocab_parallel_
+
+    with pytest.raises(RuntimeError, match="initialise it first"):
+        fq.from_pretrained(llama_dir, "nf4", progress=False, on_model_built=vocab_parallel_)

@@ -73,7 +73,8 @@ class _LinearCrossEntropy(torch.autograd.Function):
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
-                         labels: torch.Tensor, chunk: int, head: VocabParallelHead | None = None) -> torch.Tensor:  # fmt: skip
+                         labels: torch.Tensor, chunk: int,
+                         head: VocabParallelHead | None = None) -> torch.Tensor:  # fmt: skip
     """Mean next-token cross entropy of ``hidden @ weight.T + bias`` against ``labels`` (shifted by one, ``-100``
     ignored), as transformers' ``ForCausalLMLoss`` computes it, ``chunk`` tokens at a time. ``weight`` is frozen.
     With a vocabulary-parallel ``head`` (``weight`` and ``bias`` unused), each rank's rows of it (collective)."""
