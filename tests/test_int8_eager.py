@@ -89,6 +89,23 @@ def test_onednn_path_bf16_rest_matches_within_bf16_rounding():
 
 
 @needs_onednn
+def test_in_place_rescale_leaves_bias_and_input_alone_and_promotes_a_bf16_bias():
+    # the token scale and bias are applied in place on the GEMM's output: the bias (also one of another dtype,
+    # promoted exactly as .float() would) and the input must come out untouched, the output a fresh fp32 tensor
+    torch.manual_seed(0)
+    layer = Int8Linear.from_float(torch.nn.Linear(512, 384))
+    layer.bias.data = layer.bias.data.bfloat16()
+    bias, x = layer.bias.detach().clone(), torch.randn(16, 512)
+    x0 = x.clone()
+    with torch.inference_mode():
+        out, ref = layer(x), _reference(layer, x)
+    assert "packed" in layer._kernel and out.dtype == torch.float32
+    assert torch.equal(layer.bias, bias) and torch.equal(x, x0)
+    assert out.data_ptr() not in (layer.bias.data_ptr(), x.data_ptr())
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_onednn
 def test_save_load_stays_bit_exact_and_the_packed_weight_is_rebuilt(tmp_path):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(256, 512), torch.nn.ReLU(), torch.nn.Linear(512, 256))
