@@ -50,6 +50,7 @@ ARMS = {
     "woq-int4-g32": (None, torch.bfloat16, "woq-int4", {"group_size": 32}, f"bf16 {TIED}"),
     "woq-int4-g128": (None, torch.bfloat16, "woq-int4", {"group_size": 128}, f"bf16 {TIED}"),
     # the head quantized too (untied from the embedding, which stays bf16 for lookups): every step reads it
+    "woq-int8+head": (None, torch.bfloat16, "woq-int8", {"include_lm_head": True}, "bf16 embedding (lookups)"),
     "woq-int4-g128+head": (None, torch.bfloat16, "woq-int4", {"group_size": 128, "include_lm_head": True},
                            "bf16 embedding (lookups)"),
     "ptq-dynamic-int8": (None, torch.float32, "ptq-dynamic-int8", {"ignore_modules": HEAD}, f"fp32 {TIED}"),
@@ -262,8 +263,9 @@ def _summary(rows: list[dict]) -> str:
     lines = []
     for compiled in (False, True):
         parts = []
-        for arm, base in (("woq-int4-g128", "bf16"), ("woq-int4-g128", "fp32"), ("woq-int4-g32", "bf16"),
-                          ("woq-int8", "bf16")):  # fmt: skip
+        for arm, base in (("woq-int4-g128", "bf16"), ("woq-int4-g128", "fp32"), ("woq-int4-g128+head", "bf16"),
+                          ("woq-int4-g128+head", "fp32"), ("woq-int4-g32", "bf16"), ("woq-int8", "bf16"),
+                          ("woq-int8+head", "bf16")):  # fmt: skip
             value = by_key.get((arm, compiled, 1), {}).get(f"tps_vs_{base}")
             if value == value and value is not None:
                 parts.append(f"{arm} / {base} = {value:.2f}x")

@@ -65,9 +65,10 @@ def main(world_sizes: tuple[int, ...] = (1, 2, 4, 8), lora_r: int = 16, tokens: 
     header = (
         "# Sharded QLoRA memory per rank (arithmetic)\n\n"
         f"Command: `python benchmarks/fsdp_memory.py`. nf4-dq base ({NF4_DQ_BYTES * 8:.3f} bits per weight), bf16"
-        f" embedding and head split by vocabulary rows, LoRA r={lora_r} on every linear layer with bf16 AdamW states, {tokens} tokens per"
-        " rank per micro-batch, gradient checkpointing, the recipe's chunked vocabulary-parallel loss. Computed from the shapes, not"
-        " measured; runtime overheads (CUDA context, allocator, communication buffers) excluded. The first row is the"
+        f" embedding and head split by vocabulary rows, LoRA r={lora_r} on every linear layer with bf16 AdamW states,"
+        f" {tokens} tokens per rank per micro-batch, gradient checkpointing, the recipe's chunked vocabulary-parallel"
+        " loss. Computed from the shapes, not measured; runtime overheads (CUDA context, allocator, communication"
+        " buffers) excluded. The first row is the"
         " shape and batch of the measured CPU run (LoRA r=8, 2 x 256 tokens), whose base + embeddings + LoRA part is"
         " what `fq.footprint` reports per rank there."
     )

@@ -21,14 +21,19 @@ from fabric_quant.kernels import cpu_features
 from fabric_quant.nn.woq import WOQLinear
 from fabric_quant.report import bar_panels, machine_name, measure_latencies, write_report
 
-ARMS = {  # name: (bits, group size, activation dtype); None bits = the float layer itself
-    "fp32": (None, None, torch.float32),
-    "bf16": (None, None, torch.bfloat16),
-    "woq-int8 (bf16 act)": (8, None, torch.bfloat16),
-    "woq-int8 (fp32 act)": (8, None, torch.float32),
-    "woq-int4 g32 (bf16 act)": (4, 32, torch.bfloat16),
-    "woq-int4 g128 (bf16 act)": (4, 128, torch.bfloat16),
-    "woq-int4 g128 (fp32 act)": (4, 128, torch.float32),
+# name: (bits, group size, activation dtype, forced WOQLinear path); None bits = the float layer itself. The kernel
+# arms force the kernel (the layer itself switches to cpu-dequant from DEQUANT_ROWS rows), so both paths are timed
+# at every batch size: their crossover is what sets DEQUANT_ROWS.
+ARMS = {
+    "fp32": (None, None, torch.float32, None),
+    "bf16": (None, None, torch.bfloat16, None),
+    "woq-int8 (bf16 act)": (8, None, torch.bfloat16, "cpu-int8"),
+    "woq-int8 (fp32 act)": (8, None, torch.float32, "cpu-int8"),
+    "woq-int4 g32 (bf16 act)": (4, 32, torch.bfloat16, "cpu-int4"),
+    "woq-int4 g128 (bf16 act)": (4, 128, torch.bfloat16, "cpu-int4"),
+    "woq-int4 g128 (fp32 act)": (4, 128, torch.float32, "cpu-int4"),
+    "woq-int8 dequant (bf16 act)": (8, None, torch.bfloat16, "cpu-dequant"),
+    "woq-int4 g128 dequant (bf16 act)": (4, 128, torch.bfloat16, "cpu-dequant"),
 }
 
 
@@ -48,7 +53,7 @@ def setup(
     linear = torch.nn.Linear(in_features, out_features, bias=False)
     torch.nn.init.normal_(linear.weight, std=0.02)
     layers, kernels = {}, {}
-    for name, (bits, group, dtype) in ARMS.items():
+    for name, (bits, group, dtype, _) in ARMS.items():
         if bits is None:
             layers[name] = linear if dtype == torch.float32 else torch.nn.Linear(in_features, out_features, bias=False,
                                                                                  dtype=dtype)  # fmt: skip
@@ -64,12 +69,13 @@ def setup(
         calls, errors = {}, {}
         for name, layer in layers.items():
             xd = x.to(ARMS[name][2])
-            calls[name] = lambda layer=layer, xd=xd: layer(xd)
+            kw = {"path": ARMS[name][3]} if isinstance(layer, WOQLinear) else {}
+            calls[name] = lambda layer=layer, xd=xd, kw=kw: layer(xd, **kw)
             with torch.no_grad():
-                out = layer(xd).float()
+                out = layer(xd, **kw).float()
             errors[name] = ((out - reference).norm() / reference.norm()).item()
             if isinstance(layer, WOQLinear):
-                kernels[name] = layer.kernel(xd)
+                kernels[name] = kw["path"]
         timed = measure_latencies(calls, repeats)
         base = timed["fp32"]["median_ms"]
         for name, lat in timed.items():

@@ -9,6 +9,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import decode  # noqa: E402
+import woq_fidelity  # noqa: E402
 
 
 @pytest.mark.parametrize(
@@ -56,3 +57,46 @@ def test_decode_bench_tiny_end_to_end(tmp_path):
     assert "--compile compiled" in text and "--compile eager" in text  # both commands named
     assert "--arms '[\"bf16\"]'" in text
     assert (tmp_path / "out" / "decode_tiny_cpu.png").stat().st_size > 0
+
+
+def test_decode_bench_has_the_head_quantized_arms():
+    for arm, mode in (("woq-int8+head", "woq-int8"), ("woq-int4-g128+head", "woq-int4")):
+        assert decode.ARMS[arm][2] == mode and decode.ARMS[arm][3]["include_lm_head"] is True
+
+
+def test_lsq_refit_never_raises_the_error_of_the_mse_search():
+    import torch
+
+    from fabric_quant.nn.woq import quantize_int4
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * 0.02
+    w[0, 3] = 0.3  # an outlier: its group's plain range is a poor fit
+    q, s, z = woq_fidelity.lsq_int4(w, 128)
+    assert q.dtype is torch.uint8 and int(q.max()) <= 15 and s.dtype is z.dtype is torch.bfloat16
+
+    def recon(q, s, z):
+        return ((q.float().reshape(64, -1, 128) - 8) * s.float()[..., None] + z.float()[..., None]).reshape(64, 256)
+
+    mse = quantize_int4(w, 128, "mse")
+    err, err_mse = (recon(q, s, z) - w).square().sum(), (recon(*mse) - w).square().sum()
+    assert err <= err_mse and err < 0.99 * (recon(*quantize_int4(w, 128)) - w).square().sum()
+
+
+def test_fidelity_bench_on_a_tiny_llama(tmp_path):
+    common = {"model": "tiny", "work_dir": tmp_path, "out_dir": tmp_path / "out"}
+    rows = woq_fidelity.main(arms=["int8", "int4-g32", "fp32"], **common)
+    by = {r["arm"]: r for r in rows}
+    assert by["int8"]["weight_rel_err"] < 0.02 < by["int4-g32"]["weight_rel_err"] < 0.1
+    assert by["int4-g32"]["output_cosine"] < by["int8"]["output_cosine"] < 1.0
+    assert by["fp32"]["weight_rel_err"] == 0 and by["fp32"]["hidden_rel_err_final"] > 0  # rounding only
+    for row in (by["int8"], by["int4-g32"]):
+        assert row["growth"] == pytest.approx(row["hidden_rel_err_final"] / row["linear_out_rel_err"])
+        assert len(row["hidden_rel_err_by_block"].split()) == 2  # one value per block of the 2-layer model
+    rows = woq_fidelity.main(arms=["int4-g128"], **common)  # a piece: the earlier rows are kept
+    assert [r["arm"] for r in rows] == ["fp32", "int8", "int4-g128", "int4-g32"]
+    assert rows[1]["weight_rel_err"] == pytest.approx(by["int8"]["weight_rel_err"])
+    for suffix in ("md", "csv", "png"):
+        assert (tmp_path / "out" / f"woq_fidelity_tiny.{suffix}").stat().st_size > 0
+    with pytest.raises(ValueError, match=r"arms=\['int3'\]: valid choices are fp32"):
+        woq_fidelity.main(arms=["int3"], **common)

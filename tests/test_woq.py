@@ -64,6 +64,40 @@ def test_mse_scale_search_lowers_the_reconstruction_error():
     assert rel_err(searched, lin.weight) < 0.95 * rel_err(plain, lin.weight)
 
 
+@pytest.mark.parametrize(("mode", "options"), LAYER_CASES[:3])
+def test_many_rows_take_the_dequantize_then_gemm_path_with_the_same_numbers(mode, options, monkeypatch):
+    from fabric_quant.nn import woq
+
+    layer = _layer(mode, options, _linear())
+    kernel = "cpu-int8" if mode == "woq-int8" else "cpu-int4"
+    rows = woq.DEQUANT_ROWS[layer.bits]
+    few, many = torch.randn(1, rows - 1, 512), torch.randn(2, rows, 512)
+    assert layer.kernel(few) == kernel and layer.kernel(many) == "cpu-dequant"
+    with torch.no_grad():
+        for dtype in (torch.bfloat16, torch.float32):  # fp32 runs in bf16 inside (FP32_VIA_BF16), as the kernels
+            x = many.to(dtype)
+            out = layer(x)
+            assert out.dtype is dtype and out.shape == (2, rows, 256)
+            # the same weights as the kernel and the reference: only the rounding of bf16 products differs
+            assert rel_err(out, layer(x, path=kernel)) < 1e-2
+            assert rel_err(out, layer(x, path="reference")) < 1e-2
+        # in fp32 products the dequantized weight is the reference's up to float rounding
+        monkeypatch.setattr(woq, "FP32_VIA_BF16", False)
+        assert rel_err(layer(many), layer(many, path="reference")) < 1e-5
+        # a layer larger than the workspace runs in blocks of output rows, with the same result
+        monkeypatch.setattr(woq, "DEQUANT_CHUNK", 512 * 48)
+        monkeypatch.setattr(woq._workspace, "buf", None, raising=False)
+        assert rel_err(layer(many), layer(many, path="reference")) < 1e-5  # 256 outputs in 6 blocks of <= 48
+    with torch.inference_mode():  # the workspace made here stays writable outside inference mode
+        monkeypatch.setattr(woq._workspace, "buf", None)
+        layer(many)
+    x = many.clone().requires_grad_()
+    layer(x).sum().backward()  # autograd keeps its weight: no shared workspace under it
+    assert rel_err(x.grad, layer.dequantized_weight().sum(0).expand_as(x)) < 1e-5
+    monkeypatch.setattr(woq, "DEQUANT_ROWS", None)  # off: every input size takes the kernel
+    assert layer.kernel(many) == kernel
+
+
 @pytest.mark.parametrize(("d_in", "d_out"), [(200, 48), (96, 64)])
 def test_shapes_the_kernels_refuse_run_the_reference_path(d_in, d_out):
     lin = _linear(d_in, d_out)
@@ -315,6 +349,9 @@ def test_layer_benchmark_script_writes_its_report(tmp_path):
     rows = woq_layers.setup(in_features=256, out_features=512, batch_sizes=[1], repeats=2, out_dir=tmp_path)
     kernels = {r["arm"]: r["kernel"] for r in rows}
     assert kernels["woq-int4 g32 (bf16 act)"] == "cpu-int4" and kernels["woq-int8 (fp32 act)"] == "cpu-int8"
+    assert kernels["woq-int8 dequant (bf16 act)"] == "cpu-dequant"  # both paths timed at every batch size
+    errors = {r["arm"]: r["rel_err_vs_fp32"] for r in rows}
+    assert errors["woq-int8 dequant (bf16 act)"] == pytest.approx(errors["woq-int8 (bf16 act)"], rel=0.2)
     assert all(r["median_ms"] > 0 for r in rows)
     for suffix in ("md", "csv", "png"):
         assert (tmp_path / f"woq_layers.{suffix}").stat().st_size > 0

@@ -18,6 +18,8 @@ Everything else (fp16 on CPU, other devices, shapes a kernel refuses: CPU int4 n
 and ``in_features % group_size == 0``; CPU int8 with bf16 activations ``in_features % 16 == 0``, other widths crash
 it) runs the reference path: ``F.linear`` on the dequantized weight, built for
 the call and dropped (same numbers up to float rounding; no speed-up, the integer bytes stay what is resident).
+CPU inputs of :data:`DEQUANT_ROWS` rows or more (a prefill, a large batch) run ``cpu-dequant``: the weight
+dequantized in the activation dtype for the call and one oneDNN GEMM, faster there than the kernels.
 
 Numbers. ``woq-int8``: symmetric, one scale per output channel, ``w = q * s`` with ``q`` in [-127, 127].
 ``woq-int4``: asymmetric in groups of ``group_size`` input elements, in the kernels' convention ``w = (q - 8) * s +
@@ -41,6 +43,8 @@ the canonical layout as it is).
 
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F  # noqa: N812
 
@@ -53,6 +57,18 @@ SCALE_SEARCHES = ("none", "mse")
 MSE_RATIOS = tuple(1.0 - 0.01 * i for i in range(20))
 """Range-shrink ratios ``scale_search="mse"`` tries per group (1.0 = plain min / max)."""
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
+DEQUANT_ROWS = {8: 32, 4: 80}
+"""Per bit width: CPU inputs with at least this many rows (tokens times batch: a prefill) run ``cpu-dequant``: the
+weight dequantized to the activation dtype for the call, then one oneDNN GEMM, instead of ATen's weight-only
+kernels, whose time grows with the rows like one matrix-vector product per row. The crossovers measured on one
+2048 -> 8192 layer (benchmarks/woq_layers.py --batch_sizes '[1, 8, 16, 32, 64, 128]', 2 threads): int8 at 32 rows
+(6.4 ms both), int4 g128 between 64 (kernel 12.3 ms, dequantize + GEMM 14.1 ms) and 128 rows (24.5 / 15.6 ms).
+``None`` turns the path off; compiled graphs (``torch.compile``) keep the kernels."""
+DEQUANT_CHUNK = 1 << 24
+"""Weights dequantized at a time on the ``cpu-dequant`` path (a layer with more runs in blocks of output rows), in
+one workspace per thread that is reused: a fresh 32 MB tensor per call costs more in page faults than the
+conversion itself (measured 12 ms against 3 ms for 16M int8 codes to bf16)."""
+_workspace = threading.local()
 FP32_VIA_BF16 = cpu_supports_bf16()
 """On CPUs with native bf16, fp32 activations run the CPU kernels in bf16 (cast in, cast back): the kernels' fp32
 paths measured 9x (int8) and 27x (int4) slower than their bf16 ones on one 2048 x 8192 layer at batch 1
@@ -266,15 +282,22 @@ class WOQLinear(QuantizedLinear, torch.nn.Module):
         if self.bits == 8:
             # bf16 needs in_features % 16 == 0 (other widths crash or return wrong numbers, torch 2.13; probed)
             if device == "cpu" and (dtype == torch.float32 or (dtype == torch.bfloat16 and self.in_features % 16 == 0)):
-                return "cpu-int8"
+                return "cpu-dequant" if self._many_rows(x) else "cpu-int8"
             return "cuda-int8" if device == "cuda" and dtype.is_floating_point else "reference"
         aligned = self.in_features % self.group_size == 0
         if device == "cpu" and dtype in _KERNEL_DTYPES and aligned and self.out_features % 16 == 0:
-            return "cpu-int4"
+            return "cpu-dequant" if self._many_rows(x) else "cpu-int4"
         if (device == "cuda" and dtype == torch.bfloat16 and aligned and self.out_features % 8 == 0
                 and _cuda_inner_k_tiles(self.in_features) is not None):  # fmt: skip
             return "cuda-int4"
         return "reference"
+
+    def _many_rows(self, x: torch.Tensor) -> bool:
+        # eager only: a compiled graph keeps the kernels (the thread-local workspace is not traceable, and the
+        # compiled crossover was not measured)
+        if DEQUANT_ROWS is None or torch.compiler.is_compiling():
+            return False
+        return x.numel() >= DEQUANT_ROWS[self.bits] * self.in_features
 
     def forward(self, x: torch.Tensor, path: str | None = None) -> torch.Tensor:
         """``path`` forces a path (tests compare the kernels with ``"reference"``)."""
@@ -295,13 +318,53 @@ class WOQLinear(QuantizedLinear, torch.nn.Module):
             packed = self._cached(("w", x.device), self._cuda_int4_layout)
             sz = self._cached(("sz", x.dtype), lambda: self._scales_and_zeros(x.dtype))
             out = torch._weight_int4pack_mm(rows.contiguous(), packed, self.group_size, sz)
+        elif path == "cpu-dequant":
+            out = self._dequantized_linear(rows)
         elif path == "reference":
             out = F.linear(rows, self.dequantized_weight().to(x.dtype))
         else:
-            raise ValueError(f"path={path!r}. Valid choices: cpu-int8, cpu-int4, cuda-int8, cuda-int4, reference")
+            raise ValueError(
+                f"path={path!r}. Valid choices: cpu-int8, cpu-int4, cpu-dequant, cuda-int8, cuda-int4, reference"
+            )
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out.to(out_dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def _dequantized_linear(self, rows: torch.Tensor) -> torch.Tensor:
+        """``rows @ W^T`` with ``W`` dequantized in ``rows``' dtype, a block of output rows at a time (the codes and
+        ``q - 8`` are exact in bf16; the scale and the zero round once each, in place in the workspace)."""
+        if self.bits == 4 and self.in_features % self.group_size:
+            raise ValueError(
+                f"path='cpu-dequant' needs in_features % group_size == 0, got {self.in_features} % "
+                f"{self.group_size}; use path='reference'"
+            )
+        step = max(1, DEQUANT_CHUNK // self.in_features)
+        # autograd keeps the weight for the backward: a shared workspace would be overwritten before it runs
+        shared = not (torch.is_grad_enabled() and rows.requires_grad)
+        outs = []
+        for start in range(0, self.out_features, step):
+            stop = min(start + step, self.out_features)
+            outs.append(F.linear(rows, self._dequantize_block(start, stop, rows.dtype, shared)))
+        return outs[0] if len(outs) == 1 else torch.cat(outs, dim=-1)
+
+    def _dequantize_block(self, start: int, stop: int, dtype: torch.dtype, shared: bool) -> torch.Tensor:
+        n = (stop - start) * self.in_features
+        buf = getattr(_workspace, "buf", None) if shared else None
+        if buf is None or buf.dtype != dtype or buf.numel() < n:
+            with torch.inference_mode(False):  # a normal tensor: writable inside and outside inference mode
+                buf = torch.empty(max(n, DEQUANT_CHUNK) if shared else n, dtype=dtype)
+            if shared:
+                _workspace.buf = buf
+        if self.bits == 8:
+            w = buf[:n].view(stop - start, self.in_features)
+            w.copy_(self.qweight[start:stop])  # into an existing tensor: several times faster than .to(dtype)
+            return w.mul_(self.scales[start:stop, None])
+        packed = self.qweight[start:stop]
+        w = buf[:n].view(stop - start, -1, 2)
+        w[..., 0], w[..., 1] = packed & 0xF, packed >> 4  # element 2j in the low nibble
+        w = w.view(stop - start, -1, self.group_size).sub_(8)
+        w.mul_(self.scales[start:stop, :, None]).add_(self.zeros[start:stop, :, None])
+        return w.view(stop - start, self.in_features)
 
     def _codes(self) -> torch.Tensor:
         return unpack_nibbles(self.qweight)[:, : self.in_features]
