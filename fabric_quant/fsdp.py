@@ -110,17 +110,13 @@ def sync_gradients(model: torch.nn.Module) -> None:
 
 def shard_on_load(mesh=None, *, reshard_after_forward: bool = True, cpu_offload: bool = False, per_layer: bool = True):
     """A callback for ``fq.from_pretrained(..., on_block_loaded=...)``: each transformer block is sharded as soon as
-    its tensors are loaded (the embedding group stays replicated, see :func:`shard_model`), so a rank never holds
-    more than its shards plus one block, even while loading (a 70B base packed is 35 GB: more than one 24 GB GPU).
-    ``shard_model`` then shards the root."""
+    its tensors are loaded, so a rank never holds more than its shards plus one block, even while loading (a 70B
+    base packed is 35 GB: more than one 24 GB GPU). ``shard_model`` then shards the root."""
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy
 
     policy = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
 
-    def shard(modules: list[torch.nn.Module]) -> None:
-        if isinstance(modules[0], torch.nn.Embedding):
-            return  # the embedding (and head) stay replicated: see shard_model
-        (block,) = modules  # the loader hands each transformer block alone
+    def shard(block: torch.nn.Module) -> None:
         check_shardable(block)
         _shard_block(block, per_layer, mesh=mesh, reshard_after_forward=reshard_after_forward, offload_policy=policy)
 

@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from fabric_quant.dtypes import parse_dtype
 from fabric_quant.memory import release_freed_memory
-from fabric_quant.modules import cast_float_rest, embedding_modules, transformer_blocks
+from fabric_quant.modules import cast_float_rest, transformer_blocks
 from fabric_quant.nn.base import QuantizedLinear
 
 TASKS = ("causal-lm", "sequence-classification")
@@ -66,7 +66,7 @@ def from_pretrained(
     device: torch.device | str | None = None,
     ignore_modules: Iterable[str] | None = None,
     progress: bool = True,
-    on_block_loaded: Callable[[list[torch.nn.Module]], None] | None = None,
+    on_block_loaded: Callable[[torch.nn.Module], None] | None = None,
     on_model_built: Callable[[torch.nn.Module], Any] | None = None,
     **config_kwargs: Any,
 ) -> torch.nn.Module:
@@ -80,8 +80,7 @@ def from_pretrained(
         dtype: the dtype of everything not quantized (and the 4-bit layers' compute dtype).
         device: where the model lives (default: CUDA when available, else CPU).
         ignore_modules: Linear layers kept in float; default: the output head (``lm_head`` / the classifier).
-        on_block_loaded: called with each transformer block (as a one-element list) as soon as all its tensors
-            are loaded, and with the input embedding and output head together once the embedding is: e.g.
+        on_block_loaded: called with each transformer block as soon as all its tensors are loaded: e.g.
             ``fabric_quant.fsdp.shard_on_load(mesh)``, so that a rank never holds the whole model.
         on_model_built: called with the model on the meta device (its Linear layers replaced) before any tensor
             loads, e.g. ``fabric_quant.vocab_parallel.vocab_parallel_``; a module with a ``load_rows_`` method
@@ -150,7 +149,7 @@ def from_pretrained(
             value = tensor.to(dtype) if tensor.is_floating_point() else tensor
             value = value.clone() if value.data_ptr() == tensor.data_ptr() else value
             set_module_tensor_to_device(model, name, device, value=value)
-        _complete(model, pending, name, on_block_loaded)
+        _complete(pending, name, on_block_loaded)
     bar.close()
     model.tie_weights()
     _initialise_missing(model, device, dtype, path)
@@ -163,30 +162,23 @@ def from_pretrained(
     return model
 
 
-def _groups(model: torch.nn.Module, names: set[str]) -> dict[int, tuple[list[torch.nn.Module], set[str]]]:
-    """For ``on_block_loaded``: each block, and the embedding with the head, with the state names still to load
-    (a head tied to the embedding needs none of its own)."""
+def _groups(model: torch.nn.Module, names: set[str]) -> dict[int, tuple[torch.nn.Module, set[str]]]:
+    """For ``on_block_loaded``: each transformer block with the state names it still waits for."""
     owners = {id(m): n for n, m in model.named_modules()}
     groups = {}
-    embeddings = embedding_modules(model)
-    for modules in [[b] for b in transformer_blocks(model)] + ([embeddings] if embeddings else []):
-        prefixes = [f"{owners[id(m)]}." for m in modules]
-        wanted = {n for n in names if any(n.startswith(p) for p in prefixes)}
-        if len(modules) > 1 and modules[0].weight is modules[1].weight:
-            wanted = {n for n in wanted if n.startswith(prefixes[0])}
-        groups[id(modules[0])] = (modules, wanted)
+    for block in transformer_blocks(model):
+        prefix = f"{owners[id(block)]}."
+        groups[id(block)] = (block, {n for n in names if n.startswith(prefix)})
     return groups
 
 
-def _complete(model, pending: dict, name: str, callback) -> None:
-    for key, (modules, wanted) in list(pending.items()):
+def _complete(pending: dict, name: str, callback) -> None:
+    for key, (block, wanted) in list(pending.items()):
         if name in wanted:
             wanted.discard(name)
             if not wanted:
                 del pending[key]
-                if len(modules) > 1 and getattr(model.config, "tie_word_embeddings", False):
-                    model.tie_weights()  # the head shares the embedding's tensor before both are sharded together
-                callback(modules)
+                callback(block)
             return
 
 

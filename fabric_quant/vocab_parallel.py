@@ -39,12 +39,17 @@ def _rows(vocab: int, rank: int, world: int) -> tuple[int, int]:
 class _VocabRows:
     """The part both modules share: the mesh, the group, this rank's row range, the sharded table."""
 
-    def _init_rows(self, vocab: int, dim: int, mesh, dtype: torch.dtype, device: torch.device) -> None:
-        from torch.distributed.tensor import DTensor, Shard
-
+    def _place(self, vocab: int, mesh) -> int:
+        """Set the mesh, group, rank and first row; return this rank's number of rows."""
         self.mesh, self.group = mesh, mesh.get_group()
         self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
         self.vocab_start, rows = _rows(vocab, self.rank, self.world)
+        return rows
+
+    def _init_rows(self, vocab: int, dim: int, mesh, dtype: torch.dtype, device: torch.device) -> None:
+        from torch.distributed.tensor import DTensor, Shard
+
+        rows = self._place(vocab, mesh)
         # not touched until the loader fills it, so it costs no memory before then
         part = torch.empty(rows, dim, dtype=dtype, device=device)
         table = DTensor.from_local(part, mesh, [Shard(0)], run_check=False, shape=(vocab, dim), stride=(dim, 1))
@@ -111,9 +116,7 @@ class VocabParallelHead(_VocabRows, torch.nn.Linear):
         if weight is None:
             self._init_rows(out_features, in_features, mesh, dtype, torch.device(device))
         else:  # tied to the embedding: the same rows of the same table
-            self.mesh, self.group = mesh, mesh.get_group()
-            self.rank, self.world = dist.get_rank(self.group), dist.get_world_size(self.group)
-            self.vocab_start, _ = _rows(out_features, self.rank, self.world)
+            self._place(out_features, mesh)
             self.weight = weight
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -152,7 +152,7 @@ def _strategy(strategy: str, fsdp: FSDPArgs, devices: int):
     return ModelParallelStrategy(parallelize, data_parallel_size=devices, tensor_parallel_size=1)
 
 
-def _shard_on_load(fabric, config: dict):
+def _shard_on_load(config: dict):
     """Under FSDP, each block is sharded as soon as it is loaded: a rank never holds the whole 4-bit base."""
     if config["strategy"] != "fsdp":
         return None
@@ -241,7 +241,7 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
     with fabric.rank_zero_first():  # quantized while it loads (before LoRA: the adapters stay float)
         net = load_model(path, task, train_set.labels, plugin.mode if plugin else None, compute_dtype, fabric.device,
                          model_args.ignore_modules, progress=fabric.global_rank == 0,
-                         on_block_loaded=_shard_on_load(fabric, config),
+                         on_block_loaded=_shard_on_load(config),
                          on_model_built=_vocab_parallel(config))  # fmt: skip
     load_time, memory_after_load = time.perf_counter() - load_start, peak_memory_mb(fabric.device)
     heads = head_names(net, task)
