@@ -86,7 +86,8 @@ def shard_model(model: torch.nn.Module, mesh=None, *, blocks: list[torch.nn.Modu
     # parameter added after sharding: the LoRA adapters (peft adds them after a sharded load, and FSDP cannot add
     # parameters to a unit already built) and a classifier. They are small (LoRA r=8 on every Linear of the 1B
     # shape: 11 MB, about 45 MB with gradients and AdamW state; as FSDP units of their own they measured the same
-    # peak within 10 MB and a 1.2x slower step), and :func:`sync_gradients` averages their gradients at once.
+    # peak within 10 MB and a 1.2x slower step, docs/fsdp.md), and :func:`sync_gradients` averages their
+    # gradients at once.
     embedding = {p for m in embedding_modules(model) for p in m.parameters()}
     replicated = {p for p in model.parameters() if p.requires_grad and not isinstance(p, DTensor)}
     fully_shard(model, **kwargs, ignored_params=embedding | replicated)

@@ -55,8 +55,9 @@ def _check_float(weight: torch.Tensor, key: str, error_msgs: list[str]) -> bool:
 
 
 # Elements quantized per piece: bitsandbytes' portable kernel (the CPU path) holds about 16 bytes of temporaries
-# per element (fp32 copies, the scaled values, int32 bucket indices), 270 MB for one 8192 x 2048 weight; in pieces
-# of 2^20 elements they stay near 16 MB, and the loader's peak is the model plus one float weight.
+# per element (counted from its code: fp32 copies, the scaled values, int32 bucket indices), 270 MB for one
+# 8192 x 2048 weight; in pieces of 2^20 elements they stay near 16 MB, and the loader's peak is the model plus one
+# float weight.
 _QUANTIZE_PIECE = 1 << 20
 
 
