@@ -134,3 +134,43 @@ def test_fsdp_qlora_on_two_gpus(tmp_path):
     ranks = metrics["per_rank"]
     assert metrics["steps"] == 4 and len(ranks) == 2  # each rank holds its half of the model
     assert abs(ranks[0]["model_mb"] - ranks[1]["model_mb"]) < 0.1 * ranks[0]["model_mb"]
+
+
+@pytest.mark.parametrize("quantize", ["nf4-dq", "woq-int4", "woq-int8"])
+def test_causal_lm_qlora_then_generate_on_gpu(tmp_path, quantize):
+    """A tiny Llama fine-tuned QLoRA-style on the GPU, then the generate recipe on the GPU with the adapter (nf4-dq)
+    or with the merged model quantized weight-only (the CUDA int4/int8 kernels)."""
+    import json
+    import sys
+    from pathlib import Path
+
+    from conftest import save_tiny_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fabric_quant.data import topic_paragraphs
+    from fabric_quant.finetune.args import DataArgs, EvalArgs, ModelArgs, TrainArgs
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+    import generate
+    import qlora
+
+    model_dir = save_tiny_model(tmp_path / "llama", LlamaForCausalLM, LlamaConfig, hidden_size=256,
+                                intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    data = tmp_path / "inst.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "Topic?", "input": t[:60], "output": topic}) + "\n"
+                            for topic, t in topic_paragraphs()[:16]))  # fmt: skip
+    out = tmp_path / "run"
+    metrics = qlora.setup(model=ModelArgs(path=model_dir, task="causal-lm"), accelerator="cuda", out_dir=out,
+                          data=DataArgs(train_path=data), eval=EvalArgs(interval=None, initial=False),
+                          train=TrainArgs(micro_batch_size=4, global_batch_size=4, max_steps=3,
+                                          max_seq_length=128))  # fmt: skip
+    assert metrics["steps"] == 3 and metrics["peak_memory_mb"] > 0
+    common = {"prompt": "Name the topic.", "max_new_tokens": 6, "accelerator": "cuda", "template": "none"}
+    if quantize == "nf4-dq":
+        results = generate.setup(model=ModelArgs(path=model_dir, task="causal-lm"), adapter=out / "final" / "adapter",
+                                 quantize=quantize, **common)  # fmt: skip
+    else:
+        results = generate.setup(model=ModelArgs(path=out / "final" / "merged", task="causal-lm"), quantize=quantize,
+                                 **common)  # fmt: skip
+    assert results[0]["new_tokens"] == 6
