@@ -8,6 +8,7 @@ import torch
 from lightning.fabric.wrappers import _unwrap_objects
 
 from fabric_quant.nn.base import QuantizedLinear, local
+from fabric_quant.nn.bnb import foreign_storage
 
 
 @dataclass(frozen=True)
@@ -106,10 +107,12 @@ def footprint(model: torch.nn.Module) -> Footprint:
             tensors.append((key, t))
             if t.device.type != "meta":
                 seen.add(local(t).data_ptr())
-        storage = module.weight_storage() if isinstance(module, QuantizedLinear) else None
+        ours = isinstance(module, QuantizedLinear)
+        storage = module.weight_storage() if ours else foreign_storage(module)
+        storage_keys = module.storage_keys if ours else ("weight",)
         if not tensors and storage is None:
             continue
-        plain = [t for key, t in tensors if not (storage is not None and key in module.storage_keys)]
+        plain = [t for key, t in tensors if not (storage is not None and key in storage_keys)]
         numel = sum(t.numel() for t in plain) + (storage.numel if storage else 0)
         nbytes = sum(_nbytes(t) for t in plain)
         if storage is None:

@@ -192,3 +192,29 @@ def test_piecewise_quantization_equals_bitsandbytes(quant_type, compress_statist
     assert ours.keys() == ref.keys()
     for key in ref:
         assert torch.equal(ours[key].view(torch.uint8), ref[key].view(torch.uint8)), key
+
+
+@pytest.mark.parametrize("mode", BNB_MODES)
+def test_footprint_counts_the_statistics_of_plain_bitsandbytes_layers(mode):
+    """Layers built by Lightning's plugin or transformers are plain bitsandbytes ones whose statistics hang on the
+    weight: footprint counts them, to the byte of this package's layer in the same mode."""
+    import bitsandbytes as bnb
+
+    torch.manual_seed(0)
+    weight = torch.randn(256, 512) * 0.02
+    if mode.startswith("int8"):
+        if mode == "int8-training":
+            pytest.skip("int8-training keeps a float weight: nothing packed to count")
+        plain = bnb.nn.Linear8bitLt(512, 256, bias=False, has_fp16_weights=False)
+        plain.weight = bnb.nn.Int8Params(weight.clone(), requires_grad=False, has_fp16_weights=False)
+    else:
+        kind, dq = mode.split("-")[0], mode.endswith("-dq")
+        plain = bnb.nn.Linear4bit(512, 256, bias=False, compress_statistics=dq, quant_type=kind)
+        plain.weight = bnb.nn.Params4bit(weight.clone(), requires_grad=False, compress_statistics=dq, quant_type=kind)
+    plain = torch.nn.Sequential(plain.to("cpu"))  # the move quantizes
+    ours = torch.nn.Sequential(torch.nn.Linear(512, 256, bias=False))
+    ours[0].weight.data.copy_(weight)
+    fq.quantize_(ours, mode)
+    got, expected = fq.footprint(plain), fq.footprint(ours)
+    assert got.total_bytes == expected.total_bytes < weight.numel() * 2  # fewer bytes than bf16: codes counted once
+    assert got.bits_per_quantized_param == expected.bits_per_quantized_param

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import BNB_MODES, Net, make_net, rel_err
+from conftest import BNB_MODES, Net, make_net, rel_err, setup_quantized
 from lightning.fabric import Fabric
 
 import fabric_quant as fq
@@ -10,7 +10,8 @@ from fabric_quant.nn import QuantizedLinear
 
 pytestmark = pytest.mark.cuda
 
-BOUND = {"int8": 0.03, "int8-training": 0.03, "nf4": 0.12, "nf4-dq": 0.12, "fp4": 0.15, "fp4-dq": 0.15}
+# error against the float model (measured: nf4 0.124 on an H100, 0.129 on CPU in fp32; fp4 0.165, 0.167; int8 < 0.03)
+BOUND = {"int8": 0.04, "int8-training": 0.04, "nf4": 0.14, "nf4-dq": 0.14, "fp4": 0.18, "fp4-dq": 0.18}
 
 
 def cuda_fabric(mode: str, **kwargs) -> Fabric:
@@ -22,6 +23,7 @@ def test_quantizes_on_the_gpu_forward_backward(mode):
     fabric = cuda_fabric(mode)
     reference = make_net()
     model = fabric.setup_module(make_net())
+    _, on_cpu = setup_quantized(mode)  # the same mode on CPU, fp32 compute
     lin = model.module.fc1
     assert isinstance(lin, QuantizedLinear) and lin.is_quantized() and lin.weight.device.type == "cuda"
     x = torch.randn(16, 512, device="cuda", requires_grad=True)
@@ -29,6 +31,9 @@ def test_quantizes_on_the_gpu_forward_backward(mode):
     out.float().square().mean().backward()
     assert x.grad is not None and model.module.norm.weight.grad is not None
     with torch.no_grad():
+        # the GPU's codes are the CPU's: what is left is bf16 compute (0.004 on CPU) and, for int8, LLM.int8()'s
+        # activation rounding on CUDA
+        assert rel_err(out.cpu(), on_cpu(x.detach().cpu())) < (0.04 if mode.startswith("int8") else 0.01)
         assert rel_err(out.cpu(), reference(x.detach().cpu())) < BOUND[mode]
 
 
@@ -85,7 +90,7 @@ def test_fsdp_single_gpu_with_4bit_base():
     fabric.launch()
     model = fabric.setup_module(make_net())
     x = torch.randn(4, 512, device="cuda", requires_grad=True)
-    model(x).float().sum().backward()
+    fabric.backward(model(x).float().sum())
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 

@@ -90,6 +90,32 @@ def quantize_4bit_rows(weight: torch.Tensor, device: torch.device, blocksize: in
     return packed, QuantState(absmax=qabsmax, offset=offset, state2=state2, **common)
 
 
+def four_bit_storage(data: torch.Tensor, state: Any, numel: int) -> Storage:
+    """Bytes of a 4-bit weight: packed codes plus its statistics (absmax, and with double quantization the nested
+    absmax and offset) per weight, the code books per layer."""
+    per_weight = data.numel() * data.element_size() + state.absmax.numel() * state.absmax.element_size()
+    tables = state.code.numel() * state.code.element_size()
+    if state.nested:
+        nested = state.state2
+        per_weight += nested.absmax.numel() * nested.absmax.element_size() + state.offset.element_size()
+        tables += nested.code.numel() * nested.code.element_size()
+    return Storage(numel=numel, per_weight_bytes=per_weight, table_bytes=tables)
+
+
+def foreign_storage(module: torch.nn.Module) -> Storage | None:
+    """The storage of a bitsandbytes layer this package did not build (Lightning's ``BitsandbytesPrecision`` layers,
+    transformers' ``BitsAndBytesConfig`` ones): their statistics hang on the weight, not in a buffer, so counting
+    parameters alone would miss them. None for anything else."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, bnb.nn.Params4bit) and weight.quant_state is not None:
+        return four_bit_storage(weight.data, weight.quant_state, module.in_features * module.out_features)
+    scb = getattr(weight, "SCB", None)
+    if isinstance(weight, bnb.nn.Int8Params) and weight.dtype == torch.int8 and scb is not None:
+        per_weight = weight.numel() * weight.element_size() + scb.numel() * scb.element_size()
+        return Storage(numel=weight.numel(), per_weight_bytes=per_weight, table_bytes=0)
+    return None
+
+
 class _LoadMixin:
     """Shared load and initialisation logic of the two layer kinds: the layer pops its own weight keys, then lets
     ``nn.Module`` load the bias; ``to_empty`` and ``reset_parameters`` work on a float weight and quantize it (a
@@ -221,14 +247,8 @@ class Linear4bit(_LoadMixin, bnb.nn.Linear4bit, QuantizedLinear):
 
     def weight_storage(self) -> Storage:
         # sharded (FSDP2): this rank's bytes of the packed weight; the statistics stay whole on the module
-        data, state = local(self.weight.data), getattr(self.weight, "quant_state", None) or self.quant_state
-        per_weight = data.numel() * data.element_size() + state.absmax.numel() * state.absmax.element_size()
-        tables = state.code.numel() * state.code.element_size()
-        if state.nested:
-            nested = state.state2
-            per_weight += nested.absmax.numel() * nested.absmax.element_size() + state.offset.element_size()
-            tables += nested.code.numel() * nested.code.element_size()
-        return Storage(numel=self.in_features * self.out_features, per_weight_bytes=per_weight, table_bytes=tables)
+        state = getattr(self.weight, "quant_state", None) or self.quant_state
+        return four_bit_storage(local(self.weight.data), state, self.in_features * self.out_features)
 
     def _load_weight(self, state_dict: dict, prefix: str, error_msgs: list[str]) -> bool:
         key = prefix + "weight"

@@ -1,0 +1,72 @@
+"""Where a QLoRA training step spends its time: the wall time of every step and the profiler's top operators over
+the last two, for this package's recipe and the transformers + peft loop of `qlora_resources.py` (same model, data,
+LoRA shape and batch), each arm in its own process.
+
+    python benchmarks/profile_step.py --model llama-1b --accelerator cuda --steps 6
+    python benchmarks/profile_step.py --model llama-1b --steps 4            # CPU
+
+Prints; writes nothing. Step times are taken at each optimizer step (after a CUDA synchronize), so the first step's
+one-time costs show apart from the steady state.
+"""
+
+from __future__ import annotations
+
+import itertools
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Literal
+
+import torch
+from jsonargparse import CLI
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import qlora_resources as qr
+
+ARMS = ("fabric-quant nf4-dq", "transformers+peft nf4-dq")
+
+
+def _profile(arm: str, model: str, accelerator: str, steps: int, model_dir: Path, data: Path, top: int) -> None:
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if accelerator == "cuda" else [])
+    stamps = [time.perf_counter()]
+
+    def on_step(*_) -> None:
+        if accelerator == "cuda":
+            torch.cuda.synchronize()
+        stamps.append(time.perf_counter())
+        prof.step()
+
+    with profile(activities=activities, schedule=schedule(wait=max(steps - 2, 0), warmup=0, active=2)) as prof:
+        handle = register_optimizer_step_post_hook(on_step)
+        result = qr.worker(arm, model, accelerator, steps, model_dir, data)
+        handle.remove()
+    # stamps[0] is before the load: the first interval is load + step 1
+    times = [b - a for a, b in itertools.pairwise(stamps[1:])]
+    print(f"\n## {arm}: {result}\nstep times from step 2 on (s): {[round(t, 4) for t in times]}")
+    key = "self_cuda_time_total" if accelerator == "cuda" else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))
+    if accelerator == "cuda":
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=60))
+
+
+def main(model: Literal["llama-1b", "llama-3b"] = "llama-1b", accelerator: Literal["cpu", "cuda"] = "cpu",
+         steps: int = 6, arms: list[str] | None = None, top: int = 25, worker_arm: str | None = None,
+         model_dir: Path | None = None, data: Path | None = None) -> None:  # fmt: skip
+    if worker_arm is not None:
+        return _profile(worker_arm, model, accelerator, steps, model_dir, data, top)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir, data = qr.prepare(model, Path(tmp))
+        for arm in arms or ARMS:
+            cmd = [sys.executable, __file__, "--model", model, "--accelerator", accelerator, "--steps", str(steps),
+                   "--top", str(top), "--worker_arm", arm, "--model_dir", str(model_dir), "--data", str(data)]
+            subprocess.run(cmd, check=False)
+    return None
+
+
+if __name__ == "__main__":
+    CLI(main, as_positional=False)
