@@ -179,7 +179,7 @@ def decode(model, forward, batch: int, prompt_tokens: int, new_tokens: int, ref_
 
 
 def worker(arm: str, compiled: bool, model_dir: Path, batch_sizes: list[int], prompt_tokens: int, new_tokens: int,
-           ref_dir: Path) -> list[dict]:  # fmt: skip
+           ref_dir: Path, autotune: bool = False) -> list[dict]:  # fmt: skip
     import fabric_quant as fq
     from fabric_quant.kernels import compile_model
     from fabric_quant.report import peak_rss_mb
@@ -192,7 +192,7 @@ def worker(arm: str, compiled: bool, model_dir: Path, batch_sizes: list[int], pr
               "bytes_per_param": fp.total_bytes / fp.numel, "load_s": load_s}  # fmt: skip
     load_peak = peak_rss_mb()
     reset = _reset_peak_rss()
-    forward = compile_model(model) if compiled else model
+    forward = compile_model(model, autotune=autotune) if compiled else model
     reference = arm == REFERENCE and not compiled
     rows = []
     for batch in batch_sizes:
@@ -286,6 +286,7 @@ def main(
     timeout_s: int = 1800,
     worker_arm: str | None = None,
     worker_compiled: bool = False,
+    autotune: bool = False,
 ) -> list[dict]:
     """Args:
     model: llama-1b (Llama-3.2-1B shape) or tiny (for tests).
@@ -297,6 +298,8 @@ def main(
     work_dir: keep the checkpoint, the reference and the rows here (runs in pieces merge); default: a temp dir.
     out_dir: where the report goes.
     timeout_s: a worker running longer is stopped and its rows report the timeout.
+    autotune: compile with ``compile_model(autotune=True)`` (inductor's C++ GEMM templates benchmarked against the
+        library kernels per shape); its rows and report are kept apart (``..._autotune``).
     """
     arms = list(ARMS) if arms is None else arms
     bad = [a for a in arms if a not in ARMS]
@@ -308,7 +311,7 @@ def main(
         raise ValueError(f"prompt_tokens={prompt_tokens} must be >= 1 and new_tokens={new_tokens} >= 2")
     if worker_arm is not None:
         rows = worker(worker_arm, worker_compiled, work_dir / "model", batch_sizes, prompt_tokens, new_tokens,
-                      work_dir / f"ref-{prompt_tokens}x{new_tokens}")  # fmt: skip
+                      work_dir / f"ref-{prompt_tokens}x{new_tokens}", autotune)  # fmt: skip
         print("RESULT " + json.dumps(rows), flush=True)
         return rows
     # the command line of these options (also when called as a function, e.g. by the tests)
@@ -317,15 +320,17 @@ def main(
         f" '{json.dumps(batch_sizes)}' --compile {compile} --prompt_tokens {prompt_tokens} --new_tokens {new_tokens}"
         + (f" --work_dir {work_dir}" if work_dir is not None else "")
         + (f" --out_dir {out_dir}" if out_dir != Path("benchmarks/results") else "")
+        + (" --autotune true" if autotune else "")
     )
     args = (model, arms, batch_sizes, compile, prompt_tokens, new_tokens)
     if work_dir is None:
         with tempfile.TemporaryDirectory() as tmp:
-            return _run(*args, Path(tmp), out_dir, timeout_s, command)
-    return _run(*args, Path(work_dir), out_dir, timeout_s, command)
+            return _run(*args, Path(tmp), out_dir, timeout_s, command, autotune)
+    return _run(*args, Path(work_dir), out_dir, timeout_s, command, autotune)
 
 
-def _run(model, arms, batch_sizes, compile, prompt_tokens, new_tokens, work_dir, out_dir, timeout_s, command):
+def _run(model, arms, batch_sizes, compile, prompt_tokens, new_tokens, work_dir, out_dir, timeout_s, command,
+         autotune=False):  # fmt: skip
     from fabric_quant.checkpoint import atomic_write_bytes
     from fabric_quant.report import check_plotting, machine_name, write_report
 
@@ -339,13 +344,15 @@ def _run(model, arms, batch_sizes, compile, prompt_tokens, new_tokens, work_dir,
     if missing and (REFERENCE, False) not in jobs:
         jobs.insert(0, (REFERENCE, False))  # the others are compared with it
     jobs.sort(key=lambda job: job != (REFERENCE, False))
-    results_file = work_dir / f"rows-{model}-{prompt_tokens}x{new_tokens}.json"
+    tag = "_autotune" if autotune else ""  # autotuned compiled rows are not merged with plain compiled ones
+    results_file = work_dir / f"rows-{model}-{prompt_tokens}x{new_tokens}{tag}.json"
     saved = json.loads(results_file.read_text()) if results_file.is_file() else {"rows": [], "commands": []}
     new_rows = []
     for arm, compiled in jobs:
         cmd = [sys.executable, __file__, "--model", model, "--worker_arm", arm, "--worker_compiled",
                str(compiled).lower(), "--batch_sizes", json.dumps(batch_sizes), "--prompt_tokens", str(prompt_tokens),
                "--new_tokens", str(new_tokens), "--work_dir", str(work_dir)]  # fmt: skip
+        cmd += ["--autotune", str(autotune).lower()]
         # cold compilation: inductor's on-disk caches would make the reported compile time that of a second run
         env = {**os.environ, "TORCHINDUCTOR_FORCE_DISABLE_CACHES": "1"}
         try:
@@ -375,7 +382,10 @@ def _run(model, arms, batch_sizes, compile, prompt_tokens, new_tokens, work_dir,
         f" {new_tokens} new tokens (the first from the prefill, then {new_tokens - 1} timed decode steps),"
         " transformers StaticCache. prefill_ms: one eager prefill (after a warm-up one). decode_tps_per_seq /"
         " _total: decode steps per second per sequence / times the batch. compiled: the decode step through"
-        " `fabric_quant.kernels.compile_model` (inductor, freezing, static shapes; the prefill stays eager);"
+        " `fabric_quant.kernels.compile_model` (inductor, freezing, static shapes; the prefill stays eager"
+        + ("; autotune=True: inductor's C++ GEMM templates benchmarked against the library kernels per shape"
+           if autotune else "")
+        + ");"
         " compile_s = its first call (cold: inductor caches off) minus one step. tps_vs_*: against bf16 / fp32"
         " of the same batch and setting. logit_cosine / token_agreement: every arm fed the bf16 eager greedy tokens"
         " (teacher forcing), mean cosine of its logits to bf16's and the fraction of steps whose argmax is bf16's"
@@ -385,7 +395,7 @@ def _run(model, arms, batch_sizes, compile, prompt_tokens, new_tokens, work_dir,
         " arm's process over the load; decode_rss_mb: VmHWM from after the load to the end (decode, compilation).\n\n"
         + _summary(rows)
     )
-    name = f"decode_{model}_cpu"
+    name = f"decode_{model}_cpu{tag}"
     paths = write_report(rows, COLUMNS, out_dir, name, header, _plot(rows, f"decode ({model}, CPU)"))
     print(paths["markdown"].read_text())
     return rows

@@ -175,3 +175,79 @@ def test_reference_path_where_the_kernel_does_not_apply(monkeypatch):
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)  # what dynamo traces
         Int8Linear.from_float(torch.nn.Linear(512, 384))(x)
     assert calls == []
+
+
+def _ungrouped(model: torch.nn.Module) -> torch.nn.Module:
+    other = copy.deepcopy(model)
+    for m in other.modules():
+        if isinstance(m, Int8Linear):
+            m._siblings = None
+    return other
+
+
+def _count_gemms(monkeypatch) -> list:
+    calls, real = [], torch.ops.onednn.qlinear_pointwise
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(torch.ops.onednn, "qlinear_pointwise", spy)
+    return calls
+
+
+@needs_onednn
+@pytest.mark.parametrize("family", ["bert", "llama"])
+def test_sibling_projections_run_as_one_gemm_with_the_same_numbers(monkeypatch, family):
+    from transformers import BertConfig, BertModel, LlamaConfig, LlamaModel
+
+    torch.manual_seed(0)
+    if family == "bert":
+        model = BertModel(BertConfig(vocab_size=100, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=512)).eval()  # fmt: skip
+        per_layer = (6, 4)  # q, k, v, attention output, intermediate, output -> qkv fused
+    else:
+        model = LlamaModel(LlamaConfig(vocab_size=100, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
+                                       num_key_value_heads=2, intermediate_size=512)).eval()  # fmt: skip
+        per_layer = (7, 4)  # q, k, v, o, gate, up, down -> qkv and gate/up fused
+    q = fq.quantize_dynamic(model, layers=["linear"])
+    groups = {id(m._siblings) for m in q.modules() if isinstance(m, Int8Linear) and m._siblings is not None}
+    assert len(groups) == (2 if family == "bert" else 4)
+    ids = torch.randint(0, 100, (2, 16))  # 32 tokens: every projection big enough for the int8 GEMM
+    plain = _ungrouped(q)
+    with torch.inference_mode():
+        calls = _count_gemms(monkeypatch)
+        ref = plain(input_ids=ids).last_hidden_state
+        n_plain = len(calls)
+        out = q(input_ids=ids).last_hidden_state
+    assert (n_plain, len(calls) - n_plain) == (2 * per_layer[0], 2 * per_layer[1])
+    assert torch.equal(out, ref)  # the same codes, int32 sums and rescale: bit-identical
+
+
+class _Attention(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.query, self.key = torch.nn.Linear(512, 256), torch.nn.Linear(512, 384, bias=False)
+        self.value = torch.nn.Linear(512, 256)
+
+
+@needs_onednn
+def test_siblings_called_on_other_or_edited_inputs_compute_afresh():
+    torch.manual_seed(0)
+    q = fq.quantize_dynamic(_Attention())
+    assert q.query._siblings is q.key._siblings is q.value._siblings is not None
+    plain = _ungrouped(q)
+    x1, x2 = torch.randn(9, 512), torch.randn(9, 512)
+    with torch.no_grad():  # normal tensors: an in-place edit bumps their version
+        assert torch.equal(q.query(x1), plain.query(x1))
+        assert torch.equal(q.key(x2), plain.key(x2))  # another input: not the pending output for x1
+        assert torch.equal(q.value(x1), plain.value(x1))  # x1's pending value output was dropped by the x2 call
+        q.query(x1)
+        x1.mul_(2)  # edited in place between two members' calls
+        assert torch.equal(q.key(x1), plain.key(x1))
+        assert torch.equal(q.key(x1[:8]), plain.key(x1[:8]))  # a view of the same storage, another shape
+    copied = copy.deepcopy(q)  # the copy's group holds the copy's layers, and no pending state
+    assert copied.query._siblings.members == [copied.query, copied.key, copied.value]
+    assert not copied.query._siblings.pending
+    with torch.inference_mode():
+        assert torch.equal(copied.value(x2), plain.value(x2))

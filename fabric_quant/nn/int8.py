@@ -163,6 +163,7 @@ class Int8Linear(_Int8Weight, torch.nn.Module):
     eager_kernel: bool = True
     """Run dynamic layers on oneDNN's packed int8 GEMM in eager mode on x86 CPUs (False: the ``torch._int_mm``
     reference everywhere; set it on the class or on one layer)."""
+    _siblings = None  # a SiblingGroup (nn/int8_siblings.py) when this layer shares its input with others
 
     @classmethod
     def from_float(
@@ -233,6 +234,8 @@ class Int8Linear(_Int8Weight, torch.nn.Module):
         dtype = rows.dtype if rows.dtype in (torch.float32, torch.bfloat16) else torch.float32
         if self._onednn_ok(rows):
             try:
+                if self._siblings is not None:  # one GEMM for all the layers reading this input
+                    return self._siblings.run(self, rows, dtype)
                 packed, w_scale = packed_weight(self._kernel, self.qweight, self.int8_weight, self.weight_scale)
                 return dynamic_int8_linear(rows.contiguous(), packed, w_scale, self.bias, dtype, self.relu)
             except RuntimeError:  # a shape or build the kernel refuses: the reference below, from now on

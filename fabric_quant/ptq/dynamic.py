@@ -17,6 +17,7 @@ import torch
 from fabric_quant.dtypes import parse_dtype
 from fabric_quant.modules import cast_float_rest, check_ignore_modules, is_ignored, replace_modules
 from fabric_quant.nn import RNN_TYPES, DynamicInt8RNN, Int8Config, Int8Embedding, Int8Linear
+from fabric_quant.nn.int8_siblings import group_int8_siblings
 
 LAYERS = ("linear", "lstm", "gru", "embedding")
 DTYPES = (torch.float32, torch.bfloat16)
@@ -84,6 +85,7 @@ def quantize_dynamic(
         return Int8Linear.from_float(child, Int8Config(activations="dynamic", per_channel=per_channel))
 
     replace_modules(model, select, build)
+    group_int8_siblings(model)
     if dtype != torch.float32:
         cast_float_rest(model, dtype)
     return model.eval()

@@ -10,6 +10,7 @@ import torch
 from fabric_quant.kernels import select_backend
 from fabric_quant.modules import replace_modules
 from fabric_quant.nn.int8 import Int8Conv, Int8Embedding, Int8Linear, chain_int8_convs
+from fabric_quant.nn.int8_siblings import group_int8_siblings
 from fabric_quant.qat.layers import FakeQuantLayer, QATConv1d, QATConv2d, QATConvBn2d, QATEmbedding, QATLinear
 
 
@@ -53,4 +54,5 @@ def convert(model: torch.nn.Module, inplace: bool = False, backend: str = "auto"
     model.eval()
     replace_modules(model, lambda name, m: isinstance(m, _QAT_TYPES), lambda name, m: convert_layer(m, backend))
     chain_int8_convs(model)
+    group_int8_siblings(model)
     return model
