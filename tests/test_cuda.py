@@ -115,17 +115,7 @@ def test_fsdp_qlora_on_two_gpus(tmp_path):
     import sys
     from pathlib import Path
 
-    from conftest import save_tiny_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from fabric_quant.data import topic_paragraphs
-
-    model_dir = save_tiny_model(tmp_path / "llama", LlamaForCausalLM, LlamaConfig, hidden_size=256,
-                                intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
-    data = tmp_path / "inst.jsonl"
-    data.write_text("".join(json.dumps({"instruction": "Topic?", "input": t[:60], "output": topic}) + "\n"
-                            for topic, t in topic_paragraphs()[:32]))  # fmt: skip
+    model_dir, data = _tiny_llama_and_data(tmp_path, 32)
     out = tmp_path / "run"
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, str(root / "recipes" / "qlora.py"), "--model.path", str(model_dir),
@@ -145,26 +135,16 @@ def test_fsdp_qlora_on_two_gpus(tmp_path):
 def test_causal_lm_qlora_then_generate_on_gpu(tmp_path, quantize):
     """A tiny Llama fine-tuned QLoRA-style on the GPU, then the generate recipe on the GPU with the adapter (nf4-dq)
     or with the merged model quantized weight-only (the CUDA int4/int8 kernels)."""
-    import json
     import sys
     from pathlib import Path
 
-    from conftest import save_tiny_model
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from fabric_quant.data import topic_paragraphs
     from fabric_quant.finetune.args import DataArgs, EvalArgs, ModelArgs, TrainArgs
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
     import generate
     import qlora
 
-    model_dir = save_tiny_model(tmp_path / "llama", LlamaForCausalLM, LlamaConfig, hidden_size=256,
-                                intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
-    data = tmp_path / "inst.jsonl"
-    data.write_text("".join(json.dumps({"instruction": "Topic?", "input": t[:60], "output": topic}) + "\n"
-                            for topic, t in topic_paragraphs()[:16]))  # fmt: skip
+    model_dir, data = _tiny_llama_and_data(tmp_path, 16)
     out = tmp_path / "run"
     metrics = qlora.setup(model=ModelArgs(path=model_dir, task="causal-lm"), accelerator="cuda", out_dir=out,
                           data=DataArgs(train_path=data), eval=EvalArgs(interval=None, initial=False),
@@ -179,3 +159,21 @@ def test_causal_lm_qlora_then_generate_on_gpu(tmp_path, quantize):
         results = generate.setup(model=ModelArgs(path=out / "final" / "merged", task="causal-lm"), quantize=quantize,
                                  **common)  # fmt: skip
     assert results[0]["new_tokens"] == 6
+
+
+def _tiny_llama_and_data(tmp_path, records: int):
+    """A tiny Llama folder (the real MiniLM tokenizer) and an instruction JSONL of ``records`` pydoc topics."""
+    import json
+
+    from conftest import save_tiny_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fabric_quant.data import topic_paragraphs
+
+    model_dir = save_tiny_model(tmp_path / "llama", LlamaForCausalLM, LlamaConfig, hidden_size=256,
+                                intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2, max_position_embeddings=256)  # fmt: skip
+    data = tmp_path / "inst.jsonl"
+    data.write_text("".join(json.dumps({"instruction": "Topic?", "input": t[:60], "output": topic}) + "\n"
+                            for topic, t in topic_paragraphs()[:records]))  # fmt: skip
+    return model_dir, data
