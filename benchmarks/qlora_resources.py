@@ -157,6 +157,10 @@ def _hf_peft_loop(model_dir, data, task, train, accelerator: str, steps: int) ->
     lora = LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules="all-linear",
                       task_type="SEQ_CLS" if task == "sequence-classification" else "CAUSAL_LM")  # fmt: skip
     model = get_peft_model(model, lora)
+    # from_pretrained returns the model in eval mode; transformers' Trainer switches it to train mode in every
+    # training step. Without this the arm would train with the model's dropouts off (and, on CPU, with the fused
+    # attention kernel that dropout rules out): less work than a real fine-tuning step.
+    model.train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=train.lr)
     batches = fdata.epoch_micro_batches(len(train_set), train.micro_batch_size, 42, 0, 0, 1)
     start, tokens = time.perf_counter(), 0

@@ -32,7 +32,21 @@ def release_freed_memory() -> None:
         libc.malloc_trim(0)
 
 
-def fix_mmap_threshold(nbytes: int = 256 * 1024) -> bool:
+LARGE_CHECKPOINT = 1 << 30  # bytes: from here on memory, below it step time decides the threshold
+
+
+def mmap_threshold_for(checkpoint_bytes: int) -> int:
+    """The mmap threshold for training a model whose checkpoint holds ``checkpoint_bytes``.
+
+    256 KiB from 1 GiB on: on a 1B QLoRA step (gradient checkpointing; one run each) the peak over imports was
+    1720 MB with it against 2155 MB with 4 MiB, the heap's fragmentation being most of the difference. 4 MiB below:
+    every allocation above the threshold is a fresh mapping whose pages are zeroed on first touch, and with 256 KiB
+    a MiniLM step (activations of a few hundred KiB) took 1.6x as long as without the fix; with 4 MiB, as long
+    (docs/benchmarks.md)."""
+    return 256 * 1024 if checkpoint_bytes >= LARGE_CHECKPOINT else 4 * 1024 * 1024
+
+
+def fix_mmap_threshold(nbytes: int) -> bool:
     """Serve every allocation of ``nbytes`` or more by its own mapping, freed at once, for the rest of the process
     (it also stops the threshold from growing). Returns whether it took effect (glibc only)."""
     libc = _libc()

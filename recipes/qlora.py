@@ -49,7 +49,8 @@ from fabric_quant.finetune.state import (
     trainable_state,
 )
 from fabric_quant.fsdp import gathered_root, shard_model, shard_on_load, sync_gradients
-from fabric_quant.memory import fix_mmap_threshold
+from fabric_quant.loading import checkpoint_files
+from fabric_quant.memory import fix_mmap_threshold, mmap_threshold_for
 from fabric_quant.models import minilm_path
 from fabric_quant.nn.base import set_whole
 from fabric_quant.report import peak_memory_mb
@@ -100,7 +101,6 @@ def setup(
         merged_dtype: dtype of the merged model; default bfloat16 for causal-lm, float32 for classification.
     """
     config = {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in locals().items()}
-    fix_mmap_threshold()  # freed temporaries go back to the system instead of piling up in the heap
     _validate(quantize, strategy, fsdp, accelerator, model, lora, data, train, eval, devices)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # the launching process (launched ranks find its files there)
         finished = _check_out_dir(Path(out_dir), resume, overwrite)
@@ -190,6 +190,14 @@ def _check_out_dir(out_dir: Path, resume, overwrite: bool) -> dict | None:
     return None
 
 
+def _checkpoint_bytes(path: Path) -> int:
+    """Size of the model folder's safetensors (0 when there are none: the loader then says what is wrong)."""
+    try:
+        return sum(f.stat().st_size for f in checkpoint_files(path))
+    except (FileNotFoundError, OSError, ValueError):
+        return 0
+
+
 def _validate(quantize, strategy: str, fsdp: FSDPArgs, accelerator: str, model: ModelArgs, lora, data, train: TrainArgs,
               eval_args, devices) -> None:  # fmt: skip
     check_range("devices", devices, 1)
@@ -224,6 +232,8 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
 
     hf_logging.disable_progress_bar()
     path = model_args.path or minilm_path()
+    # freed temporaries go back to the system instead of piling up in the heap (the threshold by model size)
+    fix_mmap_threshold(mmap_threshold_for(_checkpoint_bytes(Path(path))))
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
