@@ -4,6 +4,7 @@ LoRA shape and batch), each arm in its own process.
 
     python benchmarks/profile_step.py --model llama-1b --accelerator cuda --steps 6
     python benchmarks/profile_step.py --model llama-1b --steps 4            # CPU
+    python benchmarks/profile_step.py --model llama-1b --accelerator cuda --steps 3 --first_step true
 
 Prints; writes nothing. Step times are taken at each optimizer step (after a CUDA synchronize), so the first step's
 one-time costs show apart from the steady state.
@@ -28,7 +29,8 @@ import qlora_resources as qr
 ARMS = ("fabric-quant nf4-dq", "transformers+peft nf4-dq")
 
 
-def _profile(arm: str, model: str, accelerator: str, steps: int, model_dir: Path, data: Path, top: int) -> None:
+def _profile(arm: str, model: str, accelerator: str, steps: int, model_dir: Path, data: Path, top: int,
+             first_step: bool) -> None:  # fmt: skip
     from torch.optim.optimizer import register_optimizer_step_post_hook
     from torch.profiler import ProfilerActivity, profile, schedule
 
@@ -41,7 +43,10 @@ def _profile(arm: str, model: str, accelerator: str, steps: int, model_dir: Path
         stamps.append(time.perf_counter())
         prof.step()
 
-    with profile(activities=activities, schedule=schedule(wait=max(steps - 2, 0), warmup=0, active=2)) as prof:
+    # the first window runs from the start (the load included) to the first optimizer step
+    plan = (schedule(wait=0, warmup=0, active=1, repeat=1) if first_step
+            else schedule(wait=max(steps - 2, 0), warmup=0, active=2, repeat=1))
+    with profile(activities=activities, schedule=plan) as prof:
         handle = register_optimizer_step_post_hook(on_step)
         result = qr.worker(arm, model, accelerator, steps, model_dir, data)
         handle.remove()
@@ -55,15 +60,18 @@ def _profile(arm: str, model: str, accelerator: str, steps: int, model_dir: Path
 
 
 def main(model: Literal["llama-1b", "llama-3b"] = "llama-1b", accelerator: Literal["cpu", "cuda"] = "cpu",
-         steps: int = 6, arms: list[str] | None = None, top: int = 25, worker_arm: str | None = None,
-         model_dir: Path | None = None, data: Path | None = None) -> None:  # fmt: skip
+         steps: int = 6, arms: list[str] | None = None, top: int = 25, first_step: bool = False,
+         worker_arm: str | None = None, model_dir: Path | None = None, data: Path | None = None) -> None:  # fmt: skip
+    """``first_step``: profile from the start to the first optimizer step (the load and the first step's one-time
+    costs) instead of the last two steps."""
     if worker_arm is not None:
-        return _profile(worker_arm, model, accelerator, steps, model_dir, data, top)
+        return _profile(worker_arm, model, accelerator, steps, model_dir, data, top, first_step)
     with tempfile.TemporaryDirectory() as tmp:
         model_dir, data = qr.prepare(model, Path(tmp))
         for arm in arms or ARMS:
             cmd = [sys.executable, __file__, "--model", model, "--accelerator", accelerator, "--steps", str(steps),
-                   "--top", str(top), "--worker_arm", arm, "--model_dir", str(model_dir), "--data", str(data)]
+                   "--top", str(top), "--worker_arm", arm, "--model_dir", str(model_dir), "--data", str(data),
+                   "--first_step", str(first_step).lower()]
             subprocess.run(cmd, check=False)
     return None
 

@@ -41,6 +41,9 @@ keep qlora_resources_llama-1b_cuda
 step 150 python3 benchmarks/qlora_resources.py --model llama-1b --accelerator cuda --steps 10 \
   --gradient_checkpointing true
 keep qlora_resources_llama-1b_cuda_checkpointing
+# where the recipe's first CUDA step goes (2.75 s against ~0.3 s for the next ones on an H100); the profiler's
+# table takes a while to print, hence the limit
+step 300 python3 benchmarks/profile_step.py --model llama-1b --accelerator cuda --steps 3 --top 25 --first_step true
 if [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then  # sharded QLoRA (FSDP2, nccl) per-rank memory against DDP
   step 400 python3 -m pytest -m cuda -q -rfEs -p no:cacheprovider tests/test_cuda.py -k two_gpus
   step 600 python3 benchmarks/qlora_sharded.py --model llama-1b --accelerator cuda --devices 2 --steps 10
