@@ -12,15 +12,12 @@ one-time costs show apart from the steady state.
 
 from __future__ import annotations
 
-import itertools
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Literal
 
-import torch
 from jsonargparse import CLI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -35,23 +32,15 @@ def _profile(arm: str, model: str, accelerator: str, steps: int, model_dir: Path
     from torch.profiler import ProfilerActivity, profile, schedule
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if accelerator == "cuda" else [])
-    stamps = [time.perf_counter()]
-
-    def on_step(*_) -> None:
-        if accelerator == "cuda":
-            torch.cuda.synchronize()
-        stamps.append(time.perf_counter())
-        prof.step()
-
-    # the first window runs from the start (the load included) to the first optimizer step
+    # the worker times each step at its optimizer step (after a CUDA synchronize); the profiler's windows follow
+    # them. With first_step, the one window runs from the start (the load included) to the first optimizer step.
     plan = (schedule(wait=0, warmup=0, active=1, repeat=1) if first_step
             else schedule(wait=max(steps - 2, 0), warmup=0, active=2, repeat=1))
     with profile(activities=activities, schedule=plan) as prof:
-        handle = register_optimizer_step_post_hook(on_step)
+        handle = register_optimizer_step_post_hook(lambda *_: prof.step())
         result = qr.worker(arm, model, accelerator, steps, model_dir, data)
         handle.remove()
-    # stamps[0] is before the load: the first interval is load + step 1
-    times = [b - a for a, b in itertools.pairwise(stamps[1:])]
+    times = result.pop("later_steps_s")
     print(f"\n## {arm}: {result}\nstep times from step 2 on (s): {[round(t, 4) for t in times]}")
     key = "self_cuda_time_total" if accelerator == "cuda" else "self_cpu_time_total"
     print(prof.key_averages().table(sort_by=key, row_limit=top, max_name_column_width=60))

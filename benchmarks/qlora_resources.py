@@ -105,6 +105,7 @@ def worker(arm: str, model: str, accelerator: str, steps: int, model_dir: Path |
     later = [b - a for a, b in itertools.pairwise(stamps)]
     result["first_step_s"] = result.pop("train_time_s") - sum(later)
     result["step_time_s"] = sum(later) / len(later) if later else result["first_step_s"]
+    result["later_steps_s"] = later  # each step's time from the second on (not a report column)
     return result
 
 

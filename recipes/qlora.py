@@ -194,7 +194,7 @@ def _checkpoint_bytes(path: Path) -> int:
     """Size of the model folder's safetensors (0 when there are none: the loader then says what is wrong)."""
     try:
         return sum(f.stat().st_size for f in checkpoint_files(path))
-    except (FileNotFoundError, OSError, ValueError):
+    except (OSError, ValueError):  # no safetensors (FileNotFoundError), an unreadable index
         return 0
 
 

@@ -102,6 +102,12 @@ def four_bit_storage(data: torch.Tensor, state: Any, numel: int) -> Storage:
     return Storage(numel=numel, per_weight_bytes=per_weight, table_bytes=tables)
 
 
+def int8_storage(weight: torch.Tensor, scb: torch.Tensor) -> Storage:
+    """Bytes of an LLM.int8() weight: the int8 codes and one scale per row."""
+    per_weight = weight.numel() * weight.element_size() + scb.numel() * scb.element_size()
+    return Storage(numel=weight.numel(), per_weight_bytes=per_weight, table_bytes=0)
+
+
 def foreign_storage(module: torch.nn.Module) -> Storage | None:
     """The storage of a bitsandbytes layer this package did not build (Lightning's ``BitsandbytesPrecision`` layers,
     transformers' ``BitsAndBytesConfig`` ones): their statistics hang on the weight, not in a buffer, so counting
@@ -111,8 +117,7 @@ def foreign_storage(module: torch.nn.Module) -> Storage | None:
         return four_bit_storage(weight.data, weight.quant_state, module.in_features * module.out_features)
     scb = getattr(weight, "SCB", None)
     if isinstance(weight, bnb.nn.Int8Params) and weight.dtype == torch.int8 and scb is not None:
-        per_weight = weight.numel() * weight.element_size() + scb.numel() * scb.element_size()
-        return Storage(numel=weight.numel(), per_weight_bytes=per_weight, table_bytes=0)
+        return int8_storage(weight, scb)
     return None
 
 
@@ -362,9 +367,7 @@ class Linear8bit(_LoadMixin, bnb.nn.Linear8bitLt, QuantizedLinear):
     def weight_storage(self) -> Storage | None:
         if self.state.has_fp16_weights:
             return None
-        scb = self._scb()
-        per_weight = self.weight.numel() * self.weight.element_size() + scb.numel() * scb.element_size()
-        return Storage(numel=self.weight.numel(), per_weight_bytes=per_weight, table_bytes=0)
+        return int8_storage(self.weight, self._scb())
 
     def _load_weight(self, state_dict: dict, prefix: str, error_msgs: list[str]) -> bool:
         key = prefix + "weight"

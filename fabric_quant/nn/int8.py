@@ -236,7 +236,7 @@ class Int8Linear(_Int8Weight, torch.nn.Module):
             try:
                 if self._siblings is not None:  # one GEMM for all the layers reading this input
                     return self._siblings.run(self, rows, dtype)
-                packed, w_scale = packed_weight(self._kernel, self.qweight, self.int8_weight, self.weight_scale)
+                packed, w_scale = packed_weight(self._kernel, [self])
                 return dynamic_int8_linear(rows.contiguous(), packed, w_scale, self.bias, dtype, self.relu)
             except RuntimeError:  # a shape or build the kernel refuses: the reference below, from now on
                 self._kernel["failed"] = True

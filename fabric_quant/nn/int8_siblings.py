@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from fabric_quant.nn.onednn_linear import KernelCache, _version, dynamic_int8_linear
+from fabric_quant.nn.onednn_linear import KernelCache, _version, dynamic_int8_linear, packed_weight
 
 SIBLING_NAMES = (("query", "key", "value"), ("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
@@ -57,30 +57,13 @@ class SiblingGroup:
         return outs[index]
 
     def _packed(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        key = tuple(
-            (t.data_ptr(), _version(t))
-            for m in self.members
-            for t in (m.qweight, m.weight_scale, *([] if m.bias is None else [m.bias]))
-        )
-        if self.kernel.get("key") != key:
-            weight = torch.cat([m.int8_weight() for m in self.members])
-            self.kernel["packed"] = torch.ops.onednn.qlinear_prepack(weight, None)
-            self.kernel["scale"] = torch.cat(
-                [m.weight_scale.detach().float().expand(m.out_features) for m in self.members]
-            ).contiguous()
-            has_bias = any(m.bias is not None for m in self.members)
-            self.kernel["bias"] = (
-                torch.cat(
-                    [
-                        m.bias.detach().float() if m.bias is not None else torch.zeros(m.out_features)
-                        for m in self.members
-                    ]
-                )
-                if has_bias
-                else None
-            )
-            self.kernel["key"] = key
-        return self.kernel["packed"], self.kernel["scale"], self.kernel["bias"]
+        packed, w_scale = packed_weight(self.kernel, self.members)
+        key = tuple((m.bias.data_ptr(), _version(m.bias)) for m in self.members if m.bias is not None)
+        if self.kernel.get("bias_key") != key:
+            parts = [torch.zeros(m.out_features) if m.bias is None else m.bias.detach().float() for m in self.members]
+            self.kernel["bias"] = torch.cat(parts) if key else None  # None: no member has a bias
+            self.kernel["bias_key"] = key
+        return packed, w_scale, self.kernel["bias"]
 
 
 def group_int8_siblings(model: torch.nn.Module) -> int:

@@ -65,16 +65,17 @@ class KernelCache(dict):
         return (KernelCache, ())
 
 
-def packed_weight(cache: KernelCache, qweight: torch.Tensor, int8_weight, weight_scale: torch.Tensor):
-    """oneDNN's packed copy of the int8 weight and its fp32 per-output-channel scales, built once and rebuilt when
-    the buffers are replaced or edited in place (their data pointers and version counters are the key; a
+def packed_weight(cache: KernelCache, layers) -> tuple[torch.Tensor, torch.Tensor]:
+    """oneDNN's packed copy of the int8 weights of ``layers`` (``Int8Linear``s reading one input; one layer, or
+    siblings stacked by output rows) and their fp32 per-output-channel scales, built once and rebuilt when the
+    buffers are replaced or edited in place (their data pointers and version counters are the key; a
     ``load_state_dict`` copies into them in place, which bumps the version)."""
-    key = (qweight.data_ptr(), _version(qweight), weight_scale.data_ptr(), _version(weight_scale))
+    key = tuple((t.data_ptr(), _version(t)) for m in layers for t in (m.qweight, m.weight_scale))
     if cache.get("key") != key:
-        weight = int8_weight()
+        weight = torch.cat([m.int8_weight() for m in layers]) if len(layers) > 1 else layers[0].int8_weight()
         # no input shape: one packing serves every batch size (timed: packing for the exact shape was no faster)
         cache["packed"] = torch.ops.onednn.qlinear_prepack(weight, None)
-        cache["scale"] = weight_scale.detach().float().expand(weight.shape[0]).contiguous()
+        cache["scale"] = torch.cat([m.weight_scale.detach().float().expand(m.out_features) for m in layers])
         cache["key"] = key
     return cache["packed"], cache["scale"]
 
