@@ -163,11 +163,11 @@ def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, chunk: in
             y = targets[begin : begin + size] if mine else targets.new_empty(size)
             dist.broadcast(h, src=dist.get_global_rank(group, owner), group=group)
             dist.broadcast(y, src=dist.get_global_rank(group, owner), group=group)
-            logits = functional.linear(h, part).float()  # bf16 matmul, fp32 softmax: as the unsharded loss
+            logits = functional.linear(pad_rows(h), part).float()  # bf16 matmul, fp32 softmax: as unsharded
             rows = y - start
             here = (rows >= 0) & (rows < part.shape[0])
-            picked = logits.gather(1, rows.clamp(0, max(part.shape[0] - 1, 0))[:, None]).squeeze(1)
-            stats = torch.stack([torch.logsumexp(logits, dim=-1), torch.where(here, picked, 0.0)])
+            picked = logits[:size].gather(1, rows.clamp(0, max(part.shape[0] - 1, 0))[:, None]).squeeze(1)
+            stats = torch.stack([torch.logsumexp(logits[:size], dim=-1), torch.where(here, picked, 0.0)])
             everyone = [torch.empty_like(stats) for _ in range(head.world)]
             dist.all_gather(everyone, stats, group=group)
             everyone = torch.stack(everyone)
@@ -175,13 +175,33 @@ def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, chunk: in
             if mine:
                 total += (lse - everyone[:, 1].sum(0)).sum()
             if want_grad:
-                probs = logits.sub_(lse[:, None]).exp_()
-                probs[here.nonzero().squeeze(1), rows[here]] -= 1.0
-                partial = (probs.to(part.dtype) @ part).float()  # summed in fp32 over the ranks
+                lse = functional.pad(lse, (0, len(logits) - size))
+                probs = softmax_minus_one_hot_(logits, lse, here.nonzero().squeeze(1), rows[here], size)
+                partial = (probs.to(part.dtype) @ part)[:size].float()  # summed in fp32 over the ranks
                 dist.reduce(partial, dst=dist.get_global_rank(group, owner), group=group)
                 if mine:
                     grad[begin : begin + size] = partial.to(grad.dtype)
     return total, grad
+
+
+# Row counts of the head's matmuls are rounded up to this: oneDNN (CPU) compiles a kernel, with its scratch memory,
+# for every matmul shape it meets and keeps up to 1024 of them; the number of loss tokens differs in every batch, so
+# without it a QLoRA run grew by tens of MB per step for its first steps (docs/fsdp.md).
+ROW_MULTIPLE = 64
+
+
+def pad_rows(h: torch.Tensor) -> torch.Tensor:
+    """``h`` (rows, dim) with zero rows appended up to a multiple of :data:`ROW_MULTIPLE`."""
+    return functional.pad(h, (0, 0, 0, -len(h) % ROW_MULTIPLE))
+
+
+def softmax_minus_one_hot_(logits, lse, rows, columns, size: int | None = None) -> torch.Tensor:
+    """In place: ``softmax(logits) - one_hot`` (``lse``: each row's log-sum-exp; the one-hot entries at ``rows``,
+    ``columns``), with the padding rows from ``size`` on (see :func:`pad_rows`) zeroed."""
+    probs = logits.sub_(lse[:, None]).exp_()
+    probs[rows, columns] -= 1.0
+    probs[len(lse) if size is None else size :] = 0
+    return probs
 
 
 def vocab_parallel_(model: torch.nn.Module, mesh=None) -> torch.nn.Module:

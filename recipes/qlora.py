@@ -288,9 +288,10 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
     )
 
     pad = tokenizer.pad_token_id
+    widths = (data.pad_to_multiple_of, train.max_seq_length)
     metrics = {}
     if eval_args.initial and step == 0:
-        metrics["initial_eval"] = validate(fabric, model, val_set, train.micro_batch_size, pad, task)
+        metrics["initial_eval"] = validate(fabric, model, val_set, train.micro_batch_size, pad, task, widths)
     elif progress.get("initial_eval") is not None:
         metrics["initial_eval"] = progress["initial_eval"]
     last_loss = progress.get("last_loss")
@@ -320,7 +321,7 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
         step_loss = torch.zeros((), device=fabric.device)
         model.train()
         for i, idx in enumerate(batches):
-            batch = fabric.to_device(fdata.collate([train_set.examples[j] for j in idx], pad, task))
+            batch = fabric.to_device(fdata.collate([train_set.examples[j] for j in idx], pad, task, *widths))
             with fabric.no_backward_sync(model, enabled=i < accum - 1):
                 loss = model(**batch).loss.float() / accum
                 fabric.backward(loss)
@@ -349,13 +350,13 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
         if step % train.log_interval == 0 or step == total_steps:
             record({"train_loss": last_loss, "lr": scheduler.get_last_lr()[0]})
         if eval_args.interval and step % eval_args.interval == 0 and step < total_steps:
-            evaluation = validate(fabric, model, val_set, train.micro_batch_size, pad, task)
+            evaluation = validate(fabric, model, val_set, train.micro_batch_size, pad, task, widths)
             record({f"val_{k}": v for k, v in evaluation.items()})
         if train.save_interval and step % train.save_interval == 0:
             checkpoint()
     bar.close()
 
-    final_eval = validate(fabric, model, val_set, train.micro_batch_size, pad, task)
+    final_eval = validate(fabric, model, val_set, train.micro_batch_size, pad, task, widths)
     if ckpt is None or _ckpt_step(ckpt) < step:  # a run resumed at its end logged this already
         record({f"val_{k}": v for k, v in final_eval.items()})
     if not (train.save_interval and step % train.save_interval == 0) and (ckpt is None or step > _ckpt_step(ckpt)):
@@ -454,12 +455,12 @@ def _json_safe(value):
 
 
 @torch.no_grad()
-def validate(fabric, model, dataset, micro: int, pad: int, task: str) -> dict[str, float]:
+def validate(fabric, model, dataset, micro: int, pad: int, task: str, widths: tuple = (1, None)) -> dict[str, float]:
     """Loss and accuracy (classification) or loss and perplexity (causal-lm), summed over all ranks."""
     model.eval()
     totals = torch.zeros(3, device=fabric.device, dtype=torch.float64)  # loss sum, correct, count
     for idx in fdata.eval_batches(len(dataset), micro, fabric.global_rank, fabric.world_size):
-        batch = fabric.to_device(fdata.collate([dataset.examples[j] for j in idx or [0]], pad, task))
+        batch = fabric.to_device(fdata.collate([dataset.examples[j] for j in idx or [0]], pad, task, *widths))
         out = model(**batch)  # an empty share still runs a forward: a sharded model's forward is collective
         if not idx:
             continue

@@ -54,3 +54,19 @@ def test_views_of_a_weight_are_not_counted_again():
     q = fq.quantize_dynamic(torch.nn.Sequential(torch.nn.Linear(256, 128)))
     assert q[0].qweight_t.data_ptr() == q[0].qweight.data_ptr()
     assert fq.footprint(q).total_bytes == 256 * 128 + 4 * 128 + 4 * 128  # int8 weight, fp32 scales, fp32 bias
+
+
+def test_lora_wrapped_4bit_layers_are_counted_once():
+    # peft's LoRA layer exposes its base layer's weight as a property: the 4-bit storage must not count twice
+    import bitsandbytes as bnb
+    from peft import LoraConfig, get_peft_model
+
+    plain = torch.nn.Sequential(torch.nn.Linear(128, 64))
+    layer = bnb.nn.Linear4bit(128, 64, compute_dtype=torch.float32, quant_type="nf4")
+    layer.load_state_dict(plain[0].state_dict())
+    layer = layer.to("cpu")  # quantizes
+    base = torch.nn.Sequential(layer)
+    before = fq.footprint(base).total_bytes
+    wrapped = get_peft_model(base, LoraConfig(r=4, target_modules=["0"]))
+    adapters = sum(p.numel() * p.element_size() for n, p in wrapped.named_parameters() if "lora_" in n)
+    assert fq.footprint(wrapped).total_bytes == before + adapters

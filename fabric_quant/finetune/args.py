@@ -64,10 +64,16 @@ class DataArgs:
     """Built-in data only: topics with at least this many documentation paragraphs become labels."""
     packing: bool = False
     """causal-lm: concatenate short training examples into full max_seq_length sequences (no padding)."""
+    pad_to_multiple_of: int = 64
+    """Pad each micro-batch to a multiple of this many tokens (at most max_seq_length); 1: to its longest example.
+    Why: oneDNN (CPU) keeps a compiled kernel and its scratch memory for every matmul shape it meets (up to 1024
+    of them), so with every batch its own length a 1B-shape QLoRA run on CPU grew by about 30 MB per step for its
+    first steps (docs/fsdp.md). Padded tokens carry no loss."""
 
     def validate(self) -> None:
         check_range("data.val_fraction", self.val_fraction, 0, 0.9, integer=False, low_open=True)
         check_range("data.min_per_topic", self.min_per_topic, 1)
+        check_range("data.pad_to_multiple_of", self.pad_to_multiple_of, 1)
 
 
 @dataclass

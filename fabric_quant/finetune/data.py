@@ -234,9 +234,12 @@ def load_datasets(task: str, data, tokenizer, max_len: int, seed: int) -> tuple[
     )
 
 
-def collate(examples: list[dict[str, list[int]]], pad_id: int, task: str) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest example; classification labels are one id per example."""
-    width = max(len(e["input_ids"]) for e in examples)
+def collate(examples: list[dict[str, list[int]]], pad_id: int, task: str, multiple: int = 1,
+            limit: int | None = None) -> dict[str, torch.Tensor]:  # fmt: skip
+    """Right-pad to the longest example, rounded up to a ``multiple`` of tokens (at most ``limit``, unless an
+    example is longer); classification labels are one id per example."""
+    longest = max(len(e["input_ids"]) for e in examples)
+    width = max(longest, min(-(-longest // multiple) * multiple, limit or longest * multiple))
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):

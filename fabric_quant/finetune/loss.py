@@ -17,7 +17,7 @@ import torch
 from torch.nn import functional
 
 from fabric_quant.nn.base import QuantizedLinear, whole
-from fabric_quant.vocab_parallel import VocabParallelHead, chunked_cross_entropy
+from fabric_quant.vocab_parallel import VocabParallelHead, chunked_cross_entropy, pad_rows, softmax_minus_one_hot_
 
 IGNORE_INDEX = -100
 # Architectures whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)` (no logit scaling or
@@ -49,13 +49,13 @@ def _chunked(hidden, targets, chunk: int, want_grad: bool, *, weight, bias):
     grad = torch.empty_like(hidden) if want_grad else None
     for start in range(0, targets.numel(), chunk):
         h, y = hidden[start : start + chunk], targets[start : start + chunk]
-        logits = functional.linear(h, weight, bias).float()  # what transformers' loss sees: bf16 matmul, fp32 softmax
+        # what transformers' loss sees: bf16 matmul, fp32 softmax
+        logits = functional.linear(pad_rows(h), weight, bias).float()
         lse = torch.logsumexp(logits, dim=-1)
-        total += (lse - logits.gather(1, y[:, None]).squeeze(1)).sum()
+        total += (lse[: len(y)] - logits[: len(y)].gather(1, y[:, None]).squeeze(1)).sum()
         if want_grad:
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[torch.arange(len(y), device=y.device), y] -= 1.0
-            grad[start : start + chunk] = probs.to(weight.dtype) @ weight
+            probs = softmax_minus_one_hot_(logits, lse, torch.arange(len(y), device=y.device), y, len(y))
+            grad[start : start + chunk] = (probs.to(weight.dtype) @ weight)[: len(y)]
     return total, grad
 
 

@@ -111,8 +111,9 @@ def int8_storage(weight: torch.Tensor, scb: torch.Tensor) -> Storage:
 def foreign_storage(module: torch.nn.Module) -> Storage | None:
     """The storage of a bitsandbytes layer this package did not build (Lightning's ``BitsandbytesPrecision`` layers,
     transformers' ``BitsAndBytesConfig`` ones): their statistics hang on the weight, not in a buffer, so counting
-    parameters alone would miss them. None for anything else."""
-    weight = getattr(module, "weight", None)
+    parameters alone would miss them. None for anything else, including a wrapper whose ``weight`` is a property
+    reading its child's (peft's LoRA layers): the child's storage is counted once, on the child."""
+    weight = module._parameters.get("weight")
     if isinstance(weight, bnb.nn.Params4bit) and weight.quant_state is not None:
         return four_bit_storage(weight.data, weight.quant_state, module.in_features * module.out_features)
     scb = getattr(weight, "SCB", None)
