@@ -85,3 +85,15 @@ def test_trained_or_unsupported_heads_keep_the_models_own_loss(tmp_path):
     model.lm_head.weight.requires_grad_(False)
     model.config.model_type = "gemma2"  # soft-capped logits: the head's output is not the logits
     assert not fused_head_supported(model)
+
+
+def test_collate_pads_to_a_multiple_within_the_limit():
+    from fabric_quant.finetune.data import IGNORE_INDEX, collate
+
+    examples = [{"input_ids": [5] * 70, "labels": [1] * 70}, {"input_ids": [6] * 3, "labels": [2] * 3}]
+    batch = collate(examples, 0, "causal-lm", 64, 256)
+    assert batch["input_ids"].shape == (2, 128)
+    assert batch["attention_mask"].sum() == 73 and (batch["labels"] != IGNORE_INDEX).sum() == 73
+    assert collate(examples, 0, "causal-lm", 64, 100)["input_ids"].shape == (2, 100)  # capped at max_seq_length
+    assert collate(examples, 0, "causal-lm", 64, 50)["input_ids"].shape == (2, 70)  # never below the longest
+    assert collate(examples, 0, "causal-lm")["input_ids"].shape == (2, 70)  # default: the longest
