@@ -144,7 +144,9 @@ def _hf_peft_loop(model_dir, data, task, train, accelerator: str, steps: int) ->
     torch.manual_seed(42)
     path = model_dir or minilm_path()
     tok = AutoTokenizer.from_pretrained(path)
-    train_set, _ = fdata.load_datasets(task, DataArgs(train_path=data), tok, train.max_seq_length, 42)
+    data_args = DataArgs(train_path=data)
+    train_set, _ = fdata.load_datasets(task, data_args, tok, train.max_seq_length, 42)
+    widths = (data_args.pad_to_multiple_of, train.max_seq_length)  # the batch widths the recipe's arms see
     cls = AutoModelForSequenceClassification if task == "sequence-classification" else AutoModelForCausalLM
     head = ["classifier"] if task == "sequence-classification" else ["lm_head"]
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
@@ -167,7 +169,7 @@ def _hf_peft_loop(model_dir, data, task, train, accelerator: str, steps: int) ->
     start, tokens = time.perf_counter(), 0
     for i in range(steps):
         examples = [train_set.examples[j] for j in batches[i % len(batches)]]
-        batch = {k: v.to(accelerator) for k, v in fdata.collate(examples, tok.pad_token_id, task).items()}
+        batch = {k: v.to(accelerator) for k, v in fdata.collate(examples, tok.pad_token_id, task, *widths).items()}
         tokens += int(batch["attention_mask"].sum())
         model(**batch).loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

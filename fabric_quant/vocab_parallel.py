@@ -175,7 +175,6 @@ def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, chunk: in
             if mine:
                 total += (lse - everyone[:, 1].sum(0)).sum()
             if want_grad:
-                lse = functional.pad(lse, (0, len(logits) - size))
                 probs = softmax_minus_one_hot_(logits, lse, here.nonzero().squeeze(1), rows[here], size)
                 partial = (probs.to(part.dtype) @ part)[:size].float()  # summed in fp32 over the ranks
                 dist.reduce(partial, dst=dist.get_global_rank(group, owner), group=group)
@@ -195,12 +194,13 @@ def pad_rows(h: torch.Tensor) -> torch.Tensor:
     return functional.pad(h, (0, 0, 0, -len(h) % ROW_MULTIPLE))
 
 
-def softmax_minus_one_hot_(logits, lse, rows, columns, size: int | None = None) -> torch.Tensor:
-    """In place: ``softmax(logits) - one_hot`` (``lse``: each row's log-sum-exp; the one-hot entries at ``rows``,
-    ``columns``), with the padding rows from ``size`` on (see :func:`pad_rows`) zeroed."""
-    probs = logits.sub_(lse[:, None]).exp_()
+def softmax_minus_one_hot_(logits, lse, rows, columns, size: int) -> torch.Tensor:
+    """In place: ``softmax(logits) - one_hot`` over the first ``size`` rows of ``logits`` (``lse``: their
+    log-sum-exps, or those of every row; the one-hot entries at ``rows``, ``columns``), the padding rows after them
+    (see :func:`pad_rows`) zeroed."""
+    probs = logits.sub_(functional.pad(lse, (0, len(logits) - len(lse)))[:, None]).exp_()
     probs[rows, columns] -= 1.0
-    probs[len(lse) if size is None else size :] = 0
+    probs[size:] = 0
     return probs
 
 

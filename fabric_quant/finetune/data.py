@@ -239,7 +239,9 @@ def collate(examples: list[dict[str, list[int]]], pad_id: int, task: str, multip
     """Right-pad to the longest example, rounded up to a ``multiple`` of tokens (at most ``limit``, unless an
     example is longer); classification labels are one id per example."""
     longest = max(len(e["input_ids"]) for e in examples)
-    width = max(longest, min(-(-longest // multiple) * multiple, limit or longest * multiple))
+    width = -(-longest // multiple) * multiple
+    if limit is not None:
+        width = max(longest, min(width, limit))
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(examples), width), dtype=torch.long)
     for i, e in enumerate(examples):
