@@ -1,5 +1,7 @@
 """BnbPrecision on CPU with real bitsandbytes kernels, every mode."""
 
+import itertools
+
 import pytest
 import torch
 from conftest import BNB_MODES, Net, make_net, rel_err, setup_quantized
@@ -192,6 +194,47 @@ def test_piecewise_quantization_equals_bitsandbytes(quant_type, compress_statist
     assert ours.keys() == ref.keys()
     for key in ref:
         assert torch.equal(ours[key].view(torch.uint8), ref[key].view(torch.uint8)), key
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("compress_statistics", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(256, 128), (200, 192), (48, 96)])
+def test_training_matmul_in_pieces_equals_bitsandbytes(quant_type, compress_statistics, dtype, shape, monkeypatch):
+    """A training forward dequantizes a big 4-bit weight a few rows at a time: the output, the input gradient and
+    the bias gradient must be bitsandbytes' up to summation order (smaller matmuls may block their sums
+    differently; the input gradient adds the pieces' products in fp32); a row length not a multiple of the block
+    size is one piece (four_bit_matmul.dequantized_pieces); without grad, bitsandbytes' own path."""
+    import bitsandbytes as bnb
+
+    from fabric_quant.nn import bnb as fq_bnb
+    from fabric_quant.nn import four_bit_matmul
+
+    torch.manual_seed(0)
+    layer = fq_bnb.Linear4bit(shape[1], shape[0], compute_dtype=dtype, quant_type=quant_type,
+                              compress_statistics=compress_statistics)  # fmt: skip
+    layer.bias.requires_grad_(True)
+    x = torch.randn(3, 5, shape[1], dtype=dtype, requires_grad=True)
+    grad = torch.randn(3, 5, shape[0], dtype=dtype)
+    ref = bnb.matmul_4bit(x, layer.weight, bias=layer.bias.to(dtype), quant_state=layer.weight.quant_state)
+    ref_x, ref_b = torch.autograd.grad(ref, (x, layer.bias), grad)
+    pieces = []
+    real = four_bit_matmul.dequantized_pieces
+    monkeypatch.setattr(fq_bnb, "PIECE_ELEMENTS", 1000)
+    monkeypatch.setattr(four_bit_matmul, "dequantized_pieces",
+                        lambda *a: [pieces.append(p[:2]) or p for p in real(*a, elements=1000)])  # fmt: skip
+    out = layer(x)
+    got_x, got_b = torch.autograd.grad(out, (x, layer.bias), grad)
+    assert len(pieces) > 8 if shape[1] % 64 == 0 else len(pieces) == 2  # forward and backward: one each
+    assert pieces[-1][1] == shape[0]  # every row
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces) if b[0])  # contiguous, no row twice
+    tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # of the largest entry: one bf16 rounding is 4e-3
+    for got, want in ((out, ref), (got_x, ref_x), (got_b, ref_b)):
+        assert (got.float() - want.float()).abs().max() <= tolerance * want.float().abs().max()
+    pieces.clear()
+    with torch.no_grad():  # inference: bitsandbytes' own path
+        assert torch.equal(layer(x), ref.detach())
+    assert not pieces
 
 
 @pytest.mark.parametrize("mode", BNB_MODES)

@@ -16,9 +16,11 @@ import torch
 
 from fabric_quant._bnb import import_bitsandbytes
 from fabric_quant.nn.base import QuantizedLinear, Storage, local
+from fabric_quant.nn.four_bit_matmul import PIECE_ELEMENTS, PiecewiseMatMul4bit, rows_per_piece
 
 bnb = import_bitsandbytes()
 from bitsandbytes.functional import dequantize_4bit  # noqa: E402
+from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module  # noqa: E402
 
 
 def _resolve_device(device: torch.device | str | None, *candidates: torch.Tensor) -> torch.device | None:
@@ -69,9 +71,7 @@ def quantize_4bit_rows(weight: torch.Tensor, device: torch.device, blocksize: in
     from bitsandbytes.functional import QuantState, get_4bit_type, quantize_blockwise
 
     rows = weight.reshape(-1, weight.shape[-1]) if weight.dim() > 1 else weight.reshape(1, -1)
-    per_piece = max(1, _QUANTIZE_PIECE // rows.shape[1])
-    while per_piece < rows.shape[0] and (per_piece * rows.shape[1]) % (2 * blocksize):
-        per_piece += 1  # whole blocks and whole bytes per piece, or one piece
+    per_piece = rows_per_piece(*rows.shape, blocksize, _QUANTIZE_PIECE)
     packed, absmax = [], []
     for start in range(0, rows.shape[0], per_piece):
         piece = rows[start : start + per_piece].contiguous().to(device)
@@ -233,7 +233,22 @@ class Linear4bit(_LoadMixin, bnb.nn.Linear4bit, QuantizedLinear):
         # `fabric.setup_module(..., move_to_device=False)` skips the move that quantizes converted layers.
         if not self.is_quantized():
             self.quantize_(device=x.device)
+        if torch.is_grad_enabled() and x.requires_grad and self.in_features * self.out_features > PIECE_ELEMENTS:
+            return self._forward_in_pieces(x)
         return super().forward(x)
+
+    def _forward_in_pieces(self, x: torch.Tensor) -> torch.Tensor:
+        """bitsandbytes' forward (its dtype handling kept) with :class:`PiecewiseMatMul4bit` for the training
+        matmul: a big weight is never dequantized whole (fabric_quant.nn.four_bit_matmul)."""
+        fix_4bit_weight_quant_state_from_module(self)  # FSDP2: the statistics live on the module
+        if not self.compute_type_is_set:
+            self.set_compute_type(x)
+            self.compute_type_is_set = True
+        dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return PiecewiseMatMul4bit.apply(x, self.weight, bias, self.weight.quant_state).to(dtype)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)

@@ -1,0 +1,96 @@
+"""The training matmul of a 4-bit layer (QLoRA), with the weight dequantized a few rows at a time.
+
+Why: bitsandbytes' ``MatMul4Bit`` dequantizes the whole weight for the forward and again for the input gradient:
+one 8192 x 2048 MLP weight of the 1B Llama shape is 32 MB of bf16 (117 MB at 8B, 470 MB at 70B) held at once, on
+top of the activations, at exactly the moments a QLoRA step peaks (the recomputed forward and the backward of a
+checkpointed block, docs/fsdp.md). Here the same bitsandbytes kernel (``bitsandbytes::dequantize_4bit``) runs on
+pieces of whole quantization blocks, and each piece's matmul writes its columns of the output (forward) or adds its
+share of the input gradient (backward), so only one piece (:data:`PIECE_ELEMENTS`) is dequantized at a time.
+The weight stays frozen (no weight gradient, as in bitsandbytes). The results are bitsandbytes' up to summation
+order: the same dequantized values, each output column from one matmul (a smaller matmul may block its sums
+differently), the input gradient the sum of the pieces' products taken in fp32 (one fp32 input-sized tensor while
+it is summed; with a single piece, bitsandbytes' product as it is).
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Weight elements dequantized at once: 8 MB of bf16. A layer of at most this many weights runs in one piece.
+PIECE_ELEMENTS = 1 << 22
+
+
+def rows_per_piece(rows: int, cols: int, blocksize: int, elements: int) -> int:
+    """Rows of a ``rows x cols`` weight per piece of about ``elements``: whole quantization blocks and whole packed
+    bytes per piece (two 4-bit codes a byte), or all the rows at once when no smaller count allows it."""
+    per_piece = max(1, elements // cols)
+    while per_piece < rows and (per_piece * cols) % (2 * blocksize):
+        per_piece += 1
+    return min(per_piece, rows)
+
+
+def block_constants(state) -> torch.Tensor:
+    """The fp32 absmax of every block, the nested (double) quantization undone: as bitsandbytes' dequantization
+    computes it."""
+    from bitsandbytes.functional import dequantize_blockwise
+
+    if not state.nested:
+        return state.absmax.float()
+    return (dequantize_blockwise(state.absmax, state.state2) + state.offset).float()
+
+
+def dequantized_pieces(packed: torch.Tensor, state, dtype: torch.dtype, elements: int = PIECE_ELEMENTS):
+    """``(first_row, stop_row, weight rows in dtype)`` for the whole weight, one piece at a time."""
+    rows, cols = state.shape
+    # bitsandbytes' CPU kernel (0.50) places the blocks of a row whose length is not a multiple of the block size
+    # differently from its quantization (its own result is then not the portable kernel's, nor is a piece's):
+    # such a weight is dequantized whole, as bitsandbytes does, so the result stays its own.
+    aligned = cols % state.blocksize == 0
+    per_piece = rows_per_piece(rows, cols, state.blocksize, elements) if aligned else rows
+    codes, absmax = packed.reshape(-1).view(torch.uint8), block_constants(state)
+    for start in range(0, rows, per_piece):
+        stop = min(start + per_piece, rows)
+        first, last = start * cols, stop * cols
+        piece = torch.ops.bitsandbytes.dequantize_4bit.default(
+            codes[first // 2 : (last + 1) // 2], absmax[first // state.blocksize : -(-last // state.blocksize)],
+            state.blocksize, state.quant_type, (stop - start, cols), dtype,
+        )  # fmt: skip
+        yield start, stop, piece
+
+
+class PiecewiseMatMul4bit(torch.autograd.Function):
+    """``linear(inputs, dequantize(packed), bias)`` for a frozen 4-bit weight (see the module docstring)."""
+
+    @staticmethod
+    def forward(ctx, inputs: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None, state) -> torch.Tensor:
+        rows, cols = state.shape
+        flat = inputs.reshape(-1, cols)
+        out = inputs.new_empty(len(flat), rows)
+        for start, stop, weight in dequantized_pieces(packed, state, inputs.dtype):
+            # with the bias in the same call, as functional.linear adds it (one rounding)
+            out[:, start:stop] = flat @ weight.t() if bias is None else torch.addmm(bias[start:stop], flat, weight.t())
+            del weight  # before the next piece is dequantized
+        # the packed weight (held by the module anyway; under FSDP2 gathered again for the backward), not a copy
+        ctx.packed, ctx.state, ctx.bias_needs_grad = packed, state, bias is not None and bias.requires_grad
+        return out.reshape(*inputs.shape[:-1], rows)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor):
+        rows, cols = ctx.state.shape
+        flat = grad_output.reshape(-1, rows)
+        grad_input = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            total = None  # the pieces' products summed in fp32: one rounding each, however many pieces
+            for start, stop, weight in dequantized_pieces(ctx.packed, ctx.state, flat.dtype):
+                part = flat[:, start:stop] @ weight
+                del weight
+                if total is None and stop == rows:  # one piece: bitsandbytes' product as it is
+                    total = part
+                elif total is None:
+                    total = part.float()
+                else:
+                    total += part
+            grad_input = total.to(flat.dtype).reshape(*grad_output.shape[:-1], cols)
+        if ctx.bias_needs_grad:
+            grad_bias = flat.sum(0)
+        return grad_input, None, grad_bias, None
