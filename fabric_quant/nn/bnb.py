@@ -16,7 +16,7 @@ import torch
 
 from fabric_quant._bnb import import_bitsandbytes
 from fabric_quant.nn.base import QuantizedLinear, Storage, local
-from fabric_quant.nn.four_bit_matmul import PIECE_ELEMENTS, PiecewiseMatMul4bit, rows_per_piece
+from fabric_quant.nn.four_bit_matmul import PIECE_ELEMENTS, PiecewiseMatMul4bit, dequantize, rows_per_piece
 
 bnb = import_bitsandbytes()
 from bitsandbytes.functional import dequantize_4bit  # noqa: E402
@@ -233,9 +233,16 @@ class Linear4bit(_LoadMixin, bnb.nn.Linear4bit, QuantizedLinear):
         # `fabric.setup_module(..., move_to_device=False)` skips the move that quantizes converted layers.
         if not self.is_quantized():
             self.quantize_(device=x.device)
-        if torch.is_grad_enabled() and x.requires_grad and self.in_features * self.out_features > PIECE_ELEMENTS:
+        big = torch.is_grad_enabled() and x.requires_grad and self.in_features * self.out_features > PIECE_ELEMENTS
+        if big or self._misplaced_by_cpu_kernel(x.device):
             return self._forward_in_pieces(x)
         return super().forward(x)
+
+    def _misplaced_by_cpu_kernel(self, device: torch.device) -> bool:
+        """bitsandbytes' CPU dequantization misplaces the blocks of an even row length that is not a multiple of
+        the block size (fabric_quant.nn.four_bit_matmul.dequantized_pieces): such layers dequantize portably."""
+        state = getattr(self.weight, "quant_state", None) or self.quant_state  # sharded: the module's
+        return device.type == "cpu" and self.in_features % state.blocksize != 0 and self.in_features % 2 == 0
 
     def _forward_in_pieces(self, x: torch.Tensor) -> torch.Tensor:
         """bitsandbytes' forward (its dtype handling kept) with :class:`PiecewiseMatMul4bit` for the training
@@ -258,6 +265,8 @@ class Linear4bit(_LoadMixin, bnb.nn.Linear4bit, QuantizedLinear):
                 destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
 
     def dequantized_weight(self) -> torch.Tensor:
+        if self._misplaced_by_cpu_kernel(self.weight.device):
+            return dequantize(self.weight.data, self.weight.quant_state, torch.float32)
         return dequantize_4bit(self.weight.data, self.weight.quant_state).float()
 
     def statistics_finite(self) -> bool:
