@@ -455,8 +455,9 @@ def _json_safe(value):
 
 
 @torch.no_grad()
-def validate(fabric, model, dataset, micro: int, pad: int, task: str, widths: tuple = (1, None)) -> dict[str, float]:
-    """Loss and accuracy (classification) or loss and perplexity (causal-lm), summed over all ranks."""
+def validate(fabric, model, dataset, micro: int, pad: int, task: str, widths: tuple) -> dict[str, float]:
+    """Loss and accuracy (classification) or loss and perplexity (causal-lm), summed over all ranks; batches padded
+    as in training (``widths``: collate's multiple and limit)."""
     model.eval()
     totals = torch.zeros(3, device=fabric.device, dtype=torch.float64)  # loss sum, correct, count
     for idx in fdata.eval_batches(len(dataset), micro, fabric.global_rank, fabric.world_size):

@@ -272,6 +272,7 @@ def test_rows_not_a_multiple_of_the_block_size_dequantize_right_on_cpu(quant_typ
     from bitsandbytes.functional import get_4bit_type
 
     from fabric_quant.nn import bnb as fq_bnb
+    from fabric_quant.nn.four_bit_matmul import block_constants
 
     torch.manual_seed(0)
     original = torch.randn(256, 96)
@@ -282,7 +283,7 @@ def test_rows_not_a_multiple_of_the_block_size_dequantize_right_on_cpu(quant_typ
     # an independent reading: nibble pairs (high first), the code book, one constant per 64 flattened values
     packed = layer.weight.data.reshape(-1)
     nibbles = torch.stack([packed // 16, packed % 16], dim=1).reshape(-1).long()
-    constants = four_bit_matmul_constants(state)
+    constants = block_constants(state)  # bitsandbytes' own reading of the (nested) block constants
     expected = (get_4bit_type(quant_type, device="cpu")[nibbles].view(-1, 64) * constants[:, None]).reshape(256, 96)
     weight = layer.dequantized_weight()
     assert torch.allclose(weight, expected, rtol=1e-6, atol=1e-7)
@@ -292,8 +293,3 @@ def test_rows_not_a_multiple_of_the_block_size_dequantize_right_on_cpu(quant_typ
     with torch.no_grad():
         assert torch.allclose(layer(x), x @ expected.t(), rtol=1e-5, atol=1e-5)
 
-
-def four_bit_matmul_constants(state) -> torch.Tensor:
-    from bitsandbytes.functional import dequantize_blockwise
-
-    return (dequantize_blockwise(state.absmax, state.state2) + state.offset) if state.nested else state.absmax

@@ -57,8 +57,9 @@ def dequantized_pieces(packed: torch.Tensor, state, dtype: torch.dtype, elements
     codes, absmax = packed.reshape(-1).view(torch.uint8), block_constants(state)
     if cols % state.blocksize:
         # A row length that is not a multiple of the block size: blocks straddle rows, so one piece. bitsandbytes'
-        # CPU kernel (0.50) misplaces such blocks for even row lengths (mean error 2.2x the portable kernel's on a
-        # 256 x 96 Gaussian weight, tests/test_bnb_plugin.py), so on CPU the portable computation runs instead.
+        # CPU kernel (0.50) misplaces such blocks for even row lengths (mean error 2.3x / 1.9x the portable reading's
+        # for nf4 / fp4 on a 256 x 96 Gaussian weight: benchmarks/bnb_cpu_dequant.py), so on CPU the portable
+        # reading runs instead.
         if codes.device.type == "cpu":
             yield 0, rows, portable_dequantize(codes, absmax, state, dtype)
         else:
@@ -79,7 +80,8 @@ def dequantized_pieces(packed: torch.Tensor, state, dtype: torch.dtype, elements
 
 def dequantize(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
     """The whole weight in ``dtype`` (for export and merging), by :func:`dequantized_pieces`."""
-    return torch.cat([piece for _, _, piece in dequantized_pieces(packed, state, dtype)])
+    pieces = [piece for _, _, piece in dequantized_pieces(packed, state, dtype)]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # one piece: no copy of the whole weight
 
 
 class PiecewiseMatMul4bit(torch.autograd.Function):
