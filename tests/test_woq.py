@@ -346,12 +346,12 @@ def test_layer_benchmark_script_writes_its_report(tmp_path):
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import woq_layers
 
-    rows = woq_layers.setup(in_features=256, out_features=512, batch_sizes=[1], repeats=2, out_dir=tmp_path)
+    rows = woq_layers.setup(in_features=256, out_features=512, batch_sizes=[1], repeats=2, copies=2, out_dir=tmp_path)
     kernels = {r["arm"]: r["kernel"] for r in rows}
-    assert kernels["woq-int4 g32 (bf16 act)"] == "cpu-int4" and kernels["woq-int8 (fp32 act)"] == "cpu-int8"
+    assert kernels["woq-int4 g32 (bf16 act)"] == "cpu-int4" and kernels["woq-int8 (fp32 act)"] == "cpu-onednn"
     assert kernels["woq-int8 dequant (bf16 act)"] == "cpu-dequant"  # both paths timed at every batch size
     errors = {r["arm"]: r["rel_err_vs_fp32"] for r in rows}
-    assert errors["woq-int8 dequant (bf16 act)"] == pytest.approx(errors["woq-int8 (bf16 act)"], rel=0.2)
+    assert errors["woq-int8 dequant (bf16 act)"] == pytest.approx(errors["woq-int8 int8pack (bf16 act)"], rel=0.2)
     assert all(r["median_ms"] > 0 for r in rows)
     for suffix in ("md", "csv", "png"):
         assert (tmp_path / f"woq_layers.{suffix}").stat().st_size > 0
@@ -367,3 +367,92 @@ def test_cuda_kernels_equal_the_reference(mode, options):
         assert rel_err(layer(x), layer(x, path="reference")) < 1e-2
         cpu = _layer(mode, options, _linear())
         assert rel_err(layer(x).cpu(), cpu(x.cpu().float())) < 2e-2  # same stored weights on both devices
+
+
+# --- woq-int8's oneDNN path: the activations split into two int8 terms -----------------------------------------------
+
+
+def test_split_codes_represent_each_row_to_about_16_bits():
+    from fabric_quant.nn.split_int8 import split_codes
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 300) * torch.tensor([[1.0], [1e-3], [50.0], [0.0]])
+    x[2, 7] = 4000.0  # an outlier sets its row's grid
+    q, s = split_codes(x)
+    assert q.dtype is torch.int8 and q.shape == (8, 300) and s.shape == (8, 1)
+    approx = (q[:4].float() * s[:4] + q[4:].float() * s[4:])
+    bound = x.abs().amax(1, keepdim=True) / 64516 * 1.001
+    assert bool(((approx - x).abs() <= bound).all())
+    assert torch.equal(approx[3], x[3])  # a zero row stays zero
+    assert q.abs().max() <= 127
+
+
+@pytest.fixture
+def onednn_everywhere(monkeypatch):
+    from fabric_quant.nn import split_int8
+
+    if not split_int8._AVAILABLE:
+        pytest.skip("oneDNN's int8 GEMM is not available on this CPU")
+    monkeypatch.setattr(split_int8, "MIN_WEIGHTS", 0)  # the tests' layers are small
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_onednn_int8_path_is_as_exact_as_fp32_products(onednn_everywhere, bias):
+    lin = _linear(512, 256)
+    if not bias:
+        lin.bias = None
+    layer = WOQLinear.from_float(lin, 8, None)
+    x = torch.randn(2, 3, 512)
+    with torch.no_grad():
+        reference = layer(x, path="reference")  # fp32 F.linear on the dequantized weight
+        assert layer.kernel(x) == "cpu-onednn" and layer.kernel(torch.randn(200, 512)) == "cpu-onednn"
+        out = layer(x)
+        assert out.shape == (2, 3, 256) and out.dtype is torch.float32
+        assert rel_err(out, reference) < 1e-4  # 16-bit activations, exact int32 sums
+        assert rel_err(layer(x, path="cpu-int8"), reference) > 10 * rel_err(out, reference)  # bf16 inside there
+        xb = x.bfloat16()
+        assert layer(xb).dtype is torch.bfloat16 and rel_err(layer(xb), layer(xb.float(), path="reference")) < 1e-2
+        many = torch.randn(130, 512)
+        assert rel_err(layer(many), layer(many, path="reference")) < 1e-4
+        x_bad = x.clone()
+        x_bad[0, 1, 5] = float("nan")
+        bad = layer(x_bad)
+        assert bad[0, 1].isnan().all() and torch.isfinite(bad[1]).all()  # a NaN row stays NaN, others unharmed
+
+
+def test_onednn_int8_layout_follows_a_reload(onednn_everywhere):
+    layer, other = WOQLinear.from_float(_linear(512, 256, seed=0), 8, None), _linear(512, 256, seed=1)
+    x = torch.randn(2, 512)
+    with torch.no_grad():
+        layer(x)  # packs the first weights
+        layer.load_state_dict(WOQLinear.from_float(other, 8, None).state_dict())
+        assert rel_err(layer(x), layer(x, path="reference")) < 1e-4  # the new weights, not the stale packing
+
+
+def test_small_int8_layers_keep_atens_kernel():
+    from fabric_quant.nn import split_int8
+
+    x = torch.randn(1, 4096)
+    assert WOQLinear.from_float(torch.nn.Linear(4096, 128), 8, None).kernel(x) == "cpu-int8"  # < 256 outputs
+    assert not split_int8.suits(4096, 128) and not split_int8.suits(512, 256)  # slow / small: measured
+
+
+def test_compiled_onednn_int8_lowers_to_one_int8_gemm_per_layer(onednn_everywhere):
+    from fabric_quant.kernels import can_compile, compile_model
+
+    if not can_compile():
+        pytest.skip("no C++ compiler for inductor")
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(WOQLinear.from_float(_linear(512, 256), 8, None), torch.nn.ReLU(),
+                                WOQLinear.from_float(_linear(256, 512, seed=1), 8, None))  # fmt: skip
+    x = torch.randn(1, 512)
+    with torch.inference_mode():
+        eager = model(x)
+        compiled = compile_model(model)
+        compiled(x)
+        with torch.profiler.profile() as prof:
+            out = compiled(x)
+    ops = [e.key for e in prof.key_averages()]
+    assert sum(e.count for e in prof.key_averages() if e.key == "onednn::qlinear_pointwise") == 2
+    assert "aten::_int_mm" not in ops and "aten::_weight_int8pack_mm" not in ops
+    assert rel_err(out, eager) < 1e-5

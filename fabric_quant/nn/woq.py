@@ -7,9 +7,9 @@ bytes are the speed-up, and the activations need no quantization. The products r
 ==========  ===========================================  =============================================
 mode        CPU (fp32 / bf16 activations)                CUDA
 ==========  ===========================================  =============================================
-woq-int8    ``torch._weight_int8pack_mm``                int8 weight cast to the activation dtype in the
-                                                         matmul, the per-channel scale applied to the
-                                                         output (it factors out of the product)
+woq-int8    oneDNN's int8 GEMM on split activations      int8 weight cast to the activation dtype in the
+            (:mod:`fabric_quant.nn.split_int8`); small   matmul, the per-channel scale applied to the
+            layers ``torch._weight_int8pack_mm``         output (it factors out of the product)
 woq-int4    ``torch._weight_int4pack_mm_for_cpu``        ``torch._weight_int4pack_mm`` (bf16 only)
 ==========  ===========================================  =============================================
 
@@ -49,6 +49,7 @@ import torch
 import torch.nn.functional as F  # noqa: N812
 
 from fabric_quant.dtypes import cpu_supports_bf16
+from fabric_quant.nn import split_int8
 from fabric_quant.nn.base import QuantizedLinear, Storage
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -63,6 +64,8 @@ weight dequantized to the activation dtype for the call, then one oneDNN GEMM, i
 kernels, whose time grows with the rows like one matrix-vector product per row. The crossovers measured on one
 2048 -> 8192 layer (benchmarks/woq_layers.py --batch_sizes '[1, 8, 16, 32, 64, 128]', 2 threads): int8 at 32 rows
 (6.4 ms both), int4 g128 between 64 (kernel 12.3 ms, dequantize + GEMM 14.1 ms) and 128 rows (24.5 / 15.6 ms).
+int8 layers that take ``cpu-onednn`` (:func:`fabric_quant.nn.split_int8.suits`) keep it at any row count: it beat
+the dequantizing path at 1 to 128 rows (128: 3.8 against 6.9 ms; ``--copies 16``).
 ``None`` turns the path off; compiled graphs (``torch.compile``) keep the kernels."""
 DEQUANT_CHUNK = 1 << 24
 """Weights dequantized at a time on the ``cpu-dequant`` path (a layer with more runs in blocks of output rows), in
@@ -276,13 +279,18 @@ class WOQLinear(QuantizedLinear, torch.nn.Module):
         return self._cache[key]
 
     def kernel(self, x: torch.Tensor) -> str:
-        """Which path a float input ``x`` takes: ``cpu-int8``, ``cpu-int4``, ``cuda-int8``, ``cuda-int4`` or
-        ``reference``."""
+        """Which path a float input ``x`` takes: ``cpu-onednn``, ``cpu-int8``, ``cpu-int4``, ``cpu-dequant``,
+        ``cuda-int8``, ``cuda-int4`` or ``reference``."""
         device, dtype = x.device.type, x.dtype
         if self.bits == 8:
+            # the split int8 GEMM first: faster than the dequantizing path at every row count measured (1-128)
+            if device == "cpu" and dtype in _KERNEL_DTYPES and split_int8.suits(self.in_features, self.out_features):
+                return "cpu-onednn"
+            if device == "cpu" and dtype in _KERNEL_DTYPES and self._many_rows(x):
+                return "cpu-dequant"
             # bf16 needs in_features % 16 == 0 (other widths crash or return wrong numbers, torch 2.13; probed)
             if device == "cpu" and (dtype == torch.float32 or (dtype == torch.bfloat16 and self.in_features % 16 == 0)):
-                return "cpu-dequant" if self._many_rows(x) else "cpu-int8"
+                return "cpu-int8"
             return "cuda-int8" if device == "cuda" and dtype.is_floating_point else "reference"
         aligned = self.in_features % self.group_size == 0
         if device == "cpu" and dtype in _KERNEL_DTYPES and aligned and self.out_features % 16 == 0:
@@ -303,9 +311,13 @@ class WOQLinear(QuantizedLinear, torch.nn.Module):
         """``path`` forces a path (tests compare the kernels with ``"reference"``)."""
         path = path or self.kernel(x)
         rows, out_dtype = x.reshape(-1, self.in_features), x.dtype
-        if path.startswith("cpu") and x.dtype == torch.float32 and FP32_VIA_BF16:
+        if path.startswith("cpu") and path != "cpu-onednn" and x.dtype == torch.float32 and FP32_VIA_BF16:
             rows, x = rows.to(torch.bfloat16), x.to(torch.bfloat16)
-        if path == "cpu-int8":
+        if path == "cpu-onednn":  # fp32 arithmetic throughout: no bf16 rounding of the activations
+            packed = None if torch.compiler.is_compiling() else self._cached(("onednn",), self._onednn_layout)
+            scales = self._cached(("s", torch.float32), lambda: self.scales.float())
+            out = split_int8.linear(rows, self.qweight, scales, packed)
+        elif path == "cpu-int8":
             scales = self._cached(("s", x.dtype), lambda: self.scales.to(x.dtype))
             out = torch._weight_int8pack_mm(rows.contiguous(), self.qweight, scales)
         elif path == "cuda-int8":
@@ -324,7 +336,8 @@ class WOQLinear(QuantizedLinear, torch.nn.Module):
             out = F.linear(rows, self.dequantized_weight().to(x.dtype))
         else:
             raise ValueError(
-                f"path={path!r}. Valid choices: cpu-int8, cpu-int4, cpu-dequant, cuda-int8, cuda-int4, reference"
+                f"path={path!r}. Valid choices: cpu-onednn, cpu-int8, cpu-int4, cpu-dequant, cuda-int8, cuda-int4,"
+                " reference"
             )
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
@@ -368,6 +381,9 @@ class WOQLinear(QuantizedLinear, torch.nn.Module):
 
     def _codes(self) -> torch.Tensor:
         return unpack_nibbles(self.qweight)[:, : self.in_features]
+
+    def _onednn_layout(self) -> torch.Tensor:
+        return torch.ops.onednn.qlinear_prepack(self.qweight, None)
 
     def _cpu_int4_layout(self) -> torch.Tensor:
         return torch._convert_weight_to_int4pack_for_cpu(self._codes().to(torch.int32).contiguous(), 2)

@@ -1,0 +1,76 @@
+"""The CPU kernel of ``woq-int8`` layers: oneDNN's int8 GEMM, the float activations split into two int8 terms.
+
+Why: decoding at batch 1 streams every weight from memory once per token, so a layer's time is its weight bytes
+over the memory bandwidth the kernel sustains. Measured here (2 threads, 16 distinct 2048 x 8192 layers in turn, so
+nothing is served from cache): bf16 ``F.linear`` 21.4 GB/s, ATen's ``torch._weight_int8pack_mm`` 13.1 GB/s (it
+converts every int8 weight to float, compute-bound at 2 cores), oneDNN's int8 x int8 GEMM
+(``torch.ops.onednn.qlinear_pointwise`` on a prepacked weight, AMX / VNNI) 21.5 GB/s, at 1, 2 or 4 rows alike.
+
+Weight-only numbers from an int8 x int8 GEMM: each activation row ``x`` is written as ``s1 * q1 + s2 * q2`` with
+``q1 = round(x / s1)``, ``s1 = absmax(x) / 127`` and ``q2`` the rounded remainder on the grid ``s2 = s1 / 254``, so
+``|x - s1 q1 - s2 q2| <= s2 / 2 = absmax(x) / 64516``: about 16 bits, finer than bf16 activations (8 significant
+bits) for every element above 1/128 of the row's largest. Both terms go through one GEMM as rows ``[q1; q2]`` (one
+pass over the weight); the int32 sums are exact, and ``y = s1 * (q1 W^T) * w_scale + s2 * (q2 W^T) * w_scale``.
+A non-finite activation makes its row's output non-finite, as a float product would.
+
+Eager, the weight is prepacked once per layer (oneDNN's blocked layout: a second copy of the codes, 1 byte per
+weight, never saved; ``to_dense()`` recovers the canonical codes exactly). Under ``fabric_quant.kernels.
+compile_model`` the product is written as ``torch._int_mm -> float -> * row scales -> * weight scales``, the
+pattern inductor's freezing passes lower to the same oneDNN op with the prepacking done at compile time (and that
+``autotune=True`` benchmarks against inductor's own int8 GEMM template).
+
+Small layers keep ``torch._weight_int8pack_mm``: oneDNN's op costs about 20 us per call and, in torch 2.13, is
+pathologically slow below 256 output features (2048 -> 128: 6.6 ms against 8 us; probed), see :func:`suits`.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fabric_quant.nn.onednn_linear import onednn_linear_available
+
+MIN_OUT_FEATURES = 256
+"""Below this many outputs oneDNN's int8 GEMM is slower than ATen's kernel by orders of magnitude (torch 2.13)."""
+MIN_WEIGHTS = 1 << 20
+"""Smaller weights stay in cache between calls; there the op's fixed cost outweighs its bandwidth (2048 x 512 and
+up take it: the K/V projections of a 1B Llama)."""
+_EPS = torch.finfo(torch.float32).eps
+_AVAILABLE = onednn_linear_available()  # read once: dynamo cannot trace torch.backends' probes (graph break)
+
+
+def suits(in_features: int, out_features: int) -> bool:
+    """Whether a CPU ``woq-int8`` layer of this shape runs the split int8 GEMM. Under ``torch.compile`` only with
+    inductor's freezing on (``compile_model``): without it ``torch._int_mm`` would run as it is, slower than ATen's
+    weight-only kernel."""
+    if out_features < MIN_OUT_FEATURES or in_features * out_features < MIN_WEIGHTS or not _AVAILABLE:
+        return False
+    if torch.compiler.is_compiling():
+        import torch._inductor.config as inductor_config
+
+        return bool(inductor_config.freezing)
+    return True
+
+
+def split_codes(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows`` (m, k) float -> int8 codes (2m, k) ``[q1; q2]`` and their fp32 scales (2m, 1) ``[s1; s2]``."""
+    x = rows.float()
+    s1 = x.abs().amax(1, keepdim=True).clamp(min=_EPS) / 127
+    q1 = torch.round(x / s1)  # within [-127, 127]: |x| <= absmax
+    s2 = s1 / 254
+    q2 = torch.clamp(torch.round((x - q1 * s1) / s2), -127, 127)  # |remainder| <= s1 / 2, up to float rounding
+    return torch.cat([q1, q2]).to(torch.int8), torch.cat([s1, s2])
+
+
+def linear(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor | None
+           ) -> torch.Tensor:
+    """``rows @ (qweight * scales[:, None])^T`` in fp32. ``packed``: ``qlinear_prepack(qweight)`` (eager), or
+    None while compiling (inductor packs the constant weight itself)."""
+    q, s = split_codes(rows)
+    if packed is None:
+        # exactly inductor's "_int_mm -> convert -> mul -> mul" int8 pattern (fx_passes/quantization.py)
+        out = torch._int_mm(q, qweight.t()).to(torch.float32) * s * scales
+    else:
+        out = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, scales, None, None, 1.0, 0, torch.float32,
+                                                 "none", [], "").mul_(s)  # fmt: skip
+    m = rows.shape[0]
+    return out[:m] + out[m:]
