@@ -434,6 +434,10 @@ def test_small_int8_layers_keep_atens_kernel():
 
     x = torch.randn(1, 4096)
     assert WOQLinear.from_float(torch.nn.Linear(4096, 128), 8, None).kernel(x) == "cpu-int8"  # < 256 outputs
+    big = WOQLinear.from_float(torch.nn.Linear(4096, 512), 8, None)
+    assert big.kernel(x) == ("cpu-onednn" if split_int8._AVAILABLE else "cpu-int8")
+    big.onednn_int8 = False  # the switch: codes held once, ATen's kernel
+    assert big.kernel(x) == "cpu-int8"
     assert not split_int8.suits(4096, 128) and not split_int8.suits(512, 256)  # slow / small: measured
 
 
