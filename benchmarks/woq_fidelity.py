@@ -19,7 +19,9 @@ run bf16 activations on the kernels) and fp32 (MiniLM: fp32 activations, the ker
 Arms: ``int8``; ``int4-g<G>`` (min / max per group), ``-mse`` (the library's ``scale_search="mse"``) and ``-lsq``
 (an experiment, not a library option: from the mse result, 10 rounds of a least-squares refit of each group's
 scale and zero to its codes, codes re-rounded, the lowest-error (scale, zero) per group kept: the MSE-refinement
-half of HQQ-style quantizers); ``fp32`` / ``bf16``: the other float dtype, no weight error (a yardstick).
+half of HQQ-style quantizers), ``-gptq`` (the library's ``scale_search="gptq"``, calibrated on inputs disjoint from
+the scored ones: MiniLM the next 128 pydoc paragraphs, Llama 16 other random prompts of 512 tokens); ``fp32`` /
+``bf16``: the other float dtype, no weight error (a yardstick).
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ ARMS = {
     "int4-g128": (4, 128, "none", None),
     "int4-g128-mse": (4, 128, "mse", None),
     "int4-g128-lsq": (4, 128, "lsq", None),
+    "int4-g128-gptq": (4, 128, "gptq", None),
     "int4-g32": (4, 32, "none", None),
     "int4-g32-mse": (4, 32, "mse", None),
 }
@@ -93,6 +96,7 @@ class Subject:
 
     def load(self, dtype: torch.dtype) -> torch.nn.Module: ...
     def batches(self) -> list[dict]: ...
+    def calibration(self) -> list[dict]: ...
 
     def run(self, model, batch) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(output rows, hidden states of the real tokens, one (tokens, hidden) tensor per block boundary)"""
@@ -123,6 +127,15 @@ class Llama(Subject):
         gen = torch.Generator().manual_seed(1)  # decode.py's batch-1 prompt
         return [{"input_ids": torch.randint(vocab, (1, self.prompt_tokens), generator=gen)}]
 
+    def calibration(self):
+        from transformers import AutoConfig
+
+        vocab = AutoConfig.from_pretrained(self.work_dir / "model").vocab_size
+        gen = torch.Generator().manual_seed(2)
+        # 16 x 512 = 8192 tokens, as many as the widest layer's inputs (down_proj): with fewer, H is rank-deficient
+        # and GPTQ fits the calibration prompts rather than the layer (4 x 128 tokens: cosine 0.603, below plain's)
+        return [{"input_ids": torch.randint(vocab, (1, 512), generator=gen)} for _ in range(16)]
+
     def output(self, out, batch):
         return out.logits[0].float()  # every prompt position
 
@@ -139,15 +152,20 @@ class MiniLM(Subject):
         self.path, self.num_texts, self.seq_len = minilm_path(), num_texts, seq_len
         self.tok = AutoTokenizer.from_pretrained(self.path)
         self.texts = [text for _, text in topic_paragraphs()][:num_texts]
+        self.calibration_texts = [text for _, text in topic_paragraphs()][num_texts : num_texts + 128]
 
     def load(self, dtype):
         from transformers import AutoModel
 
         return AutoModel.from_pretrained(self.path, dtype=dtype).eval()
 
-    def batches(self):
-        return [dict(self.tok(self.texts[i : i + 32], padding="longest", truncation=True, max_length=self.seq_len,
-                              return_tensors="pt")) for i in range(0, len(self.texts), 32)]  # fmt: skip
+    def batches(self, texts=None):
+        texts = self.texts if texts is None else texts
+        return [dict(self.tok(texts[i : i + 32], padding="longest", truncation=True, max_length=self.seq_len,
+                              return_tensors="pt")) for i in range(0, len(texts), 32)]  # fmt: skip
+
+    def calibration(self):
+        return self.batches(self.calibration_texts)
 
     def output(self, out, batch):
         hidden, mask = out.last_hidden_state.float(), batch["attention_mask"].unsqueeze(-1).float()
@@ -176,20 +194,27 @@ def reference_pass(subject: Subject) -> tuple[list, list, dict[str, torch.Tensor
     return outputs, hidden, inputs
 
 
-def quantize_arm(model, arm: str, inputs: dict[str, torch.Tensor]) -> dict:
+def quantize_arm(model, arm: str, inputs: dict[str, torch.Tensor], subject: Subject) -> dict:
     """Replace the Linears the woq modes target with WOQLinear (per the arm), measuring the error of each."""
+    import fabric_quant as fq
     from fabric_quant.nn.woq import WOQLinear, pack_nibbles
     from fabric_quant.woq import WOQConfig, woq_targets
 
     bits, group, search, _ = ARMS[arm]
     names, _ = woq_targets(model, WOQConfig.create(f"woq-int{bits}", group_size=group))
+    originals = {name: model.get_submodule(name).weight.detach().float().clone() for name in names}
+    if search == "gptq":  # the library call, on the model: calibration batches run through it
+        fq.quantize_(model, "woq-int4", group_size=group, scale_search="gptq", calibration_data=subject.calibration())
     err_sq, ref_sq, out_errs = 0.0, 0.0, []
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         child = getattr(parent, attr)
-        w = child.weight.detach().float()
-        new = WOQLinear.from_float(child, bits, group, "mse" if search == "lsq" else search)
+        w = originals[name]
+        if search == "gptq":
+            new = child
+        else:
+            new = WOQLinear.from_float(child, bits, group, "mse" if search == "lsq" else search)
         if search == "lsq":
             q, new.scales, new.zeros = lsq_int4(w, group)
             new.qweight = pack_nibbles(q)
@@ -211,7 +236,7 @@ def measure(subject: Subject, arm: str, reference: tuple) -> dict:
     start = time.perf_counter()
     row = {"arm": arm, "reference": str(subject.reference).removeprefix("torch.")}
     if bits is not None:
-        row |= quantize_arm(model, arm, inputs)
+        row |= quantize_arm(model, arm, inputs, subject)
     else:
         row |= {"weight_rel_err": 0.0, "linear_out_rel_err": float("nan")}
     row["quantize_s"] = time.perf_counter() - start

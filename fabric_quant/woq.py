@@ -26,6 +26,7 @@ from fabric_quant.modules import (
 )
 from fabric_quant.nn.int8 import Int8Config, Int8Embedding
 from fabric_quant.nn.woq import GROUP_SIZES, SCALE_SEARCHES, WOQLinear
+from fabric_quant.numerics import gptq
 from fabric_quant.registry import mode_spec, register_mode
 
 FAMILY = "woq"
@@ -42,8 +43,10 @@ class WOQConfig:
         mode: ``woq-int8`` or ``woq-int4``.
         group_size: int4: input elements per (scale, zero) pair, one of 32, 64, 128, 256 (default 128); int8 has
             one scale per output channel and takes none.
-        scale_search: int4: ``none`` (min / max per group) or ``mse`` (per group, the range-shrink ratio with the
-            lowest reconstruction error; slower to quantize).
+        scale_search: int4: ``none`` (min / max per group), ``mse`` (per group, the range-shrink ratio with the
+            lowest reconstruction error; slower to quantize) or ``gptq`` (codes chosen against the layers' inputs,
+            :mod:`fabric_quant.numerics.gptq`; needs ``calibration_data=`` batches of model inputs in
+            :func:`quantize_woq`).
         include_embeddings: also store the input embedding tables as int8 rows (one scale per row).
         include_lm_head: also quantize the output head (``model.get_output_embeddings()``), kept float by default.
         ignore_modules: name prefixes of submodules kept in float.
@@ -129,7 +132,10 @@ def quantize_woq(
     layer is replaced). Layers on the meta device become empty shells of the right shape for a later
     ``load_state_dict(..., assign=True)``. Options: see :class:`WOQConfig`. A model already in ``mode`` is
     returned as it is; one in another mode is an error."""
+    calibration_data = options.pop("calibration_data", None)
+    progress = options.pop("progress", False)
     config = WOQConfig.create(mode, **options)
+    batches = _check_calibration(config, calibration_data)
     if refuse_requantization(model, mode, allowed={mode, EMBEDDING_MODE}):
         return model
     linears, embeddings = woq_targets(model, config)
@@ -138,14 +144,49 @@ def quantize_woq(
             f"mode {mode!r} quantizes torch.nn.Linear layers, but {type(model).__name__} has none to quantize"
         )
     check_finite(model, [*linears, *embeddings])  # before any change: a refusal leaves the model as it was
-    for name in linears:
-        _replace(model, name, lambda child: WOQLinear.from_float(child, config.bits, config.group_size,
-                                                                 config.scale_search, device))  # fmt: skip
+    hessians: dict[str, torch.Tensor] = {}
+    passes = [linears]
+    if batches is not None:
+        from fabric_quant.ptq.static import call_model  # the PTQ batch convention: tensor, tuple or mapping
+
+        passes = gptq.hessian_passes({n: model.get_submodule(n).in_features for n in linears})
+    for names in passes:
+        if batches is not None:  # the inputs of this pass's layers, the earlier passes' layers already quantized
+            hessians = gptq.collect_hessians(model, names, batches, call_model, progress)
+        for name in names:
+            hessian = hessians.pop(name, None)  # released once its layer is quantized
+            _replace(model, name, lambda child, h=hessian: WOQLinear.from_float(child, config.bits, config.group_size,
+                                                                                config.scale_search, device, h))
     for name in embeddings:
         _replace(model, name, lambda child: _int8_embedding(child, device))
     if config.dtype is not None:
         cast_float_rest(model, config.dtype)
     return model
+
+
+def refuse_gptq(config: WOQConfig, where: str) -> None:
+    """``where`` (a plugin, the export) quantizes without running the model: GPTQ's calibration cannot happen there."""
+    if config.scale_search == "gptq":
+        raise ValueError(
+            f"{where}: scale_search='gptq' runs calibration batches through the model, which {where} does not do."
+            " Quantize the model with fq.quantize_(model, 'woq-int4', scale_search='gptq', calibration_data=...)"
+            " and save it with fq.save_quantized; valid scale_search here: 'none', 'mse'"
+        )
+
+
+def _check_calibration(config: WOQConfig, calibration_data) -> list | None:
+    """The calibration batches as a list (GPTQ may run them more than once), or None; refused where unused."""
+    if config.scale_search != "gptq":
+        if calibration_data is not None:
+            raise ValueError(f"calibration_data is only used by scale_search='gptq' (got {config.scale_search!r})")
+        return None
+    if calibration_data is None:
+        raise ValueError("scale_search='gptq' needs calibration_data: batches of model inputs (tensors, tuples or"
+                         " dicts such as a tokenizer's output)")  # fmt: skip
+    batches = list(calibration_data)
+    if not batches:
+        raise ValueError("calibration_data is empty: scale_search='gptq' needs at least one batch of inputs")
+    return batches
 
 
 def _replace(model: torch.nn.Module, name: str, build) -> None:
@@ -163,6 +204,6 @@ def _int8_embedding(emb: torch.nn.Embedding, device: torch.device | str | None) 
 
 _PLUGIN = "fabric_quant.plugins.woq:WOQPrecision"
 register_mode("woq-int8", family=FAMILY, quantize=quantize_woq, plugin=_PLUGIN, options={"bits": 8},
-              description="weight-only int8 per output channel, float activations (ATen int8pack kernels)")  # fmt: skip
+              description="weight-only int8 per output channel, float activations (oneDNN int8 GEMM)")  # fmt: skip
 register_mode("woq-int4", family=FAMILY, quantize=quantize_woq, plugin=_PLUGIN, options={"bits": 4},
-              description="weight-only int4, groups of 32-256 (default 128), float activations (ATen)")  # fmt: skip
+              description="weight-only int4, groups of 32-256 (default 128), GPTQ option, float act.")  # fmt: skip

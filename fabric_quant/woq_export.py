@@ -25,7 +25,7 @@ import torch
 from fabric_quant.checkpoint import load_tensors, read_metadata, save_dir_atomically, save_quantized
 from fabric_quant.nn.base import quantized_layers
 from fabric_quant.nn.woq import WOQLinear
-from fabric_quant.woq import WOQConfig, _int8_embedding, output_head_names, quantize_woq, woq_targets
+from fabric_quant.woq import WOQConfig, _int8_embedding, output_head_names, quantize_woq, refuse_gptq, woq_targets
 
 WOQ_FILE = "woq.json"
 FORMAT = "fabric_quant.woq/1"
@@ -66,6 +66,7 @@ def export_woq(
     from transformers import AutoConfig, AutoTokenizer
 
     config = WOQConfig.create(mode, **options, dtype=dtype)  # validated before any work
+    refuse_gptq(config, "export_woq")
     source, out_dir = Path(source), Path(out_dir)
     if not (source / "config.json").is_file():
         raise FileNotFoundError(f"source={str(source)!r} is not a Hugging Face model folder (no config.json)")

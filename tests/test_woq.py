@@ -148,7 +148,7 @@ def test_footprint_counts_codes_and_constants(mode, options, bits):
     [
         ("woq-int4", {"group_size": 100}, ValueError, r"group_size=100 .*Valid choices: \(32, 64, 128, 256\)"),
         ("woq-int8", {"group_size": 128}, ValueError, "one scale per output channel"),
-        ("woq-int4", {"scale_search": "hqq"}, ValueError, r"scale_search='hqq'.*Valid choices: \('none', 'mse'\)"),
+        ("woq-int4", {"scale_search": "hqq"}, ValueError, r"scale_search='hqq'.*choices: \('none', 'mse', 'gptq'\)"),
         ("woq-int8", {"scale_search": "mse"}, ValueError, "applies to woq-int4"),
         ("woq-int4", {"groupsize": 32}, TypeError, r"unknown option\(s\) \['groupsize'\]. Valid options: group_size"),
         ("woq-int4", {"include_lm_head": "false"}, TypeError, "include_lm_head='false' must be True or False"),
@@ -460,3 +460,88 @@ def test_compiled_onednn_int8_lowers_to_one_int8_gemm_per_layer(onednn_everywher
     assert sum(e.count for e in prof.key_averages() if e.key == "onednn::qlinear_pointwise") == 2
     assert "aten::_int_mm" not in ops and "aten::_weight_int8pack_mm" not in ops
     assert rel_err(out, eager) < 1e-5
+
+
+# --- GPTQ (scale_search="gptq") ------------------------------------------------------------------------------------
+
+
+def _correlated(rows, mix):
+    return torch.randn(rows, mix.shape[0]) @ mix + 0.1 * torch.randn(rows, mix.shape[0])
+
+
+def test_gptq_lowers_the_output_error_on_correlated_inputs():
+    torch.manual_seed(0)
+    mix = torch.randn(512, 512) / 512**0.5  # inputs with structure, as a trained model's
+    x = _correlated(4096, mix)
+    lin = _linear(512, 256)
+    plain = WOQLinear.from_float(lin, 4, 128)
+    gptq = WOQLinear.from_float(lin, 4, 128, "gptq", hessian=x.t() @ x / len(x))
+    held_out = _correlated(1024, mix)
+    with torch.no_grad():
+        expected = lin(held_out)
+        err_plain, err_gptq = rel_err(plain(held_out), expected), rel_err(gptq(held_out), expected)
+        # the library's format: the kernel and the reference agree, codes in range, bf16 constants
+        assert rel_err(gptq(held_out, path="reference"), gptq(held_out)) < 1e-2
+    assert err_gptq < 0.85 * err_plain  # measured 0.074 against 0.100
+    assert gptq.scales.dtype is torch.bfloat16 and unpack_nibbles(gptq.qweight).max() <= 15
+    with pytest.raises(ValueError, match="needs the inputs' second moment"):
+        WOQLinear.from_float(lin, 4, 128, "gptq")
+
+
+@pytest.mark.parametrize("budget", [None, 1])  # 1 byte: one calibration pass per layer, in model order
+def test_gptq_through_quantize_with_calibration_batches(budget, monkeypatch, tmp_path):
+    if budget is not None:
+        monkeypatch.setattr("fabric_quant.numerics.gptq.HESSIAN_BYTES", budget)
+    torch.manual_seed(0)
+    mix = torch.randn(512, 512) / 512**0.5
+    batches = [_correlated(128, mix) for _ in range(16)]  # 2048 rows: more than the 512 input features
+    model, plain = make_net(), fq.quantize_(make_net(), "woq-int4")
+    reference = make_net()
+    fq.quantize_(model, "woq-int4", scale_search="gptq", calibration_data=iter(batches))
+    assert isinstance(model.fc1, WOQLinear) and isinstance(model.fc2, WOQLinear)
+    held_out = _correlated(256, mix)
+    with torch.no_grad():
+        expected = reference(held_out)
+        assert rel_err(model(held_out), expected) < 0.9 * rel_err(plain(held_out), expected)
+    fq.save_quantized(model, tmp_path / "m.safetensors")  # the stored form is the plain path's: bit-exact
+    other = fq.quantize_(make_net(seed=1), "woq-int4")
+    fq.load_quantized(other, tmp_path / "m.safetensors")
+    saved, loaded = _state_bytes(model), _state_bytes(other)
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+
+
+@pytest.mark.parametrize(
+    ("options", "match"),
+    [({"scale_search": "gptq"}, "needs calibration_data"),
+     ({"scale_search": "gptq", "calibration_data": []}, "calibration_data is empty"),
+     ({"calibration_data": [torch.randn(2, 512)]}, r"only used by scale_search='gptq' \(got 'none'\)"),
+     ({"scale_search": "gptq", "calibration_data": [torch.randn(2, 7)]}, "")],
+)  # fmt: skip
+def test_gptq_refuses_bad_calibration_and_leaves_the_model(options, match):
+    model = make_net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        fq.quantize_(model, "woq-int4", **options)
+    assert type(model.fc1) is torch.nn.Linear and type(model.fc2) is torch.nn.Linear
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_gptq_needs_every_layer_reached_and_is_refused_where_nothing_runs(tmp_path):
+    class Branchy(torch.nn.Module):  # `unused` never sees an input
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.used(x)
+
+    with pytest.warns(UserWarning, match="rank-deficient"):  # 4 rows for 64 input features
+        fq.quantize_(torch.nn.Sequential(torch.nn.Linear(64, 64)), "woq-int4", group_size=32, scale_search="gptq",
+                     calibration_data=[torch.randn(4, 64)])  # fmt: skip
+    with pytest.raises(ValueError, match=r"never reached \['unused'\]"):
+        fq.quantize_(Branchy(), "woq-int4", group_size=32, scale_search="gptq", calibration_data=[torch.randn(4, 64)])
+    with pytest.raises(ValueError, match="WOQPrecision: scale_search='gptq' runs calibration"):
+        fq.precision_plugin("woq-int4", scale_search="gptq")
+    with pytest.raises(ValueError, match="export_woq: scale_search='gptq'"):
+        export_woq(tmp_path / "missing", tmp_path / "out", mode="woq-int4", scale_search="gptq")
+    assert not (tmp_path / "out").exists()

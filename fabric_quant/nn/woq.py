@@ -54,7 +54,7 @@ from fabric_quant.nn.base import QuantizedLinear, Storage
 
 GROUP_SIZES = (32, 64, 128, 256)
 """int4 group sizes (the ones both ATen int4 kernels take)."""
-SCALE_SEARCHES = ("none", "mse")
+SCALE_SEARCHES = ("none", "mse", "gptq")
 MSE_RATIOS = tuple(1.0 - 0.01 * i for i in range(20))
 """Range-shrink ratios ``scale_search="mse"`` tries per group (1.0 = plain min / max)."""
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16)
@@ -104,9 +104,17 @@ def _int4_codes(groups: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
 
 
 def quantize_int4(
-    weight: torch.Tensor, group_size: int, scale_search: str = "none"
+    weight: torch.Tensor, group_size: int, scale_search: str = "none", hessian: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric int4 codes (uint8 values 0..15, shape ``(out, in_padded)``), bf16 scales and zeros per group."""
+    """Asymmetric int4 codes (uint8 values 0..15, shape ``(out, in_padded)``), bf16 scales and zeros per group.
+    ``scale_search="gptq"`` takes the second moment of the layer's inputs (``hessian``,
+    :mod:`fabric_quant.numerics.gptq`)."""
+    if scale_search == "gptq":
+        from fabric_quant.numerics.gptq import gptq_int4
+
+        if hessian is None:
+            raise ValueError("scale_search='gptq' needs the inputs' second moment (hessian=): see collect_hessians")
+        return gptq_int4(weight.cpu(), hessian.cpu(), group_size, _int4_qparams, _int4_codes)
     w = weight.detach().float()
     pad = -w.shape[1] % group_size
     if pad:
@@ -201,6 +209,7 @@ class WOQLinear(QuantizedLinear, torch.nn.Module):
         group_size: int | None = 128,
         scale_search: str = "none",
         device: torch.device | str | None = None,
+        hessian: torch.Tensor | None = None,
     ) -> WOQLinear:
         """The layer quantized from ``linear``'s weight on ``device`` (default: where the weight is); a weight on the
         meta device gives an empty layer of the right shape (filled by a later ``load_state_dict``)."""
@@ -210,14 +219,15 @@ class WOQLinear(QuantizedLinear, torch.nn.Module):
         if linear.bias is not None:
             new.bias = torch.nn.Parameter(linear.bias.detach().to(device), requires_grad=False)
         if linear.weight.device.type != "meta":
-            new.quantize_(linear.weight, device, scale_search=scale_search)
+            new.quantize_(linear.weight, device, scale_search=scale_search, hessian=hessian)
         new.train(linear.training)
         return new
 
     # -- the QuantizedLinear interface ------------------------------------------------------------------------------
 
     def quantize_(
-        self, weight: torch.Tensor | None = None, device: torch.device | None = None, *, scale_search: str = "none"
+        self, weight: torch.Tensor | None = None, device: torch.device | None = None, *, scale_search: str = "none",
+        hessian: torch.Tensor | None = None,
     ) -> None:
         if weight is None:
             raise ValueError("WOQLinear keeps no float weight: pass the weight to quantize")
@@ -234,7 +244,9 @@ class WOQLinear(QuantizedLinear, torch.nn.Module):
         if self.bits == 8:
             self.qweight, self.scales = quantize_int8(weight)
         else:
-            q, self.scales, self.zeros = quantize_int4(weight, self.group_size, scale_search)
+            q, scales, zeros = quantize_int4(weight, self.group_size, scale_search, hessian)
+            self.scales, self.zeros = scales.to(device), zeros.to(device)
+            q = q.to(device)
             self.qweight = pack_nibbles(q)
         if self.bias is not None and self.bias.device != device:
             self.bias = torch.nn.Parameter(self.bias.data.to(device), requires_grad=False)

@@ -10,7 +10,7 @@ import torch
 from typing_extensions import override
 
 from fabric_quant.plugins.base import LightningPrecision, cast_floats
-from fabric_quant.woq import WOQConfig, quantize_woq
+from fabric_quant.woq import WOQConfig, quantize_woq, refuse_gptq
 
 
 class WOQPrecision(LightningPrecision):
@@ -33,6 +33,7 @@ class WOQPrecision(LightningPrecision):
                        "include_embeddings": include_embeddings, "include_lm_head": include_lm_head,
                        "ignore_modules": ignore_modules, "dtype": dtype}  # fmt: skip
         self.config = WOQConfig.create(mode, **self.kwargs)  # validated before Lightning sets anything up
+        refuse_gptq(self.config, "WOQPrecision")
         self.dtype = self.config.dtype
 
     @override
