@@ -420,6 +420,17 @@ def test_onednn_int8_path_is_as_exact_as_fp32_products(onednn_everywhere, bias):
         assert bad[0, 1].isnan().all() and torch.isfinite(bad[1]).all()  # a NaN row stays NaN, others unharmed
 
 
+def test_onednn_int8_layers_deepcopy_and_pickle(onednn_everywhere, tmp_path):
+    import copy
+
+    layer = WOQLinear.from_float(_linear(512, 256), 8, None)
+    x = torch.randn(2, 512)
+    with torch.no_grad():
+        out = layer(x)  # packs: an opaque oneDNN tensor in the cache
+        assert torch.equal(copy.deepcopy(layer)(x), out)
+        torch.save(layer, tmp_path / "layer.pt")  # a user's whole-module save: the opaque cache is left out
+
+
 def test_onednn_int8_layout_follows_a_reload(onednn_everywhere):
     layer, other = WOQLinear.from_float(_linear(512, 256, seed=0), 8, None), _linear(512, 256, seed=1)
     x = torch.randn(2, 512)

@@ -51,6 +51,7 @@ import torch.nn.functional as F  # noqa: N812
 from fabric_quant.dtypes import cpu_supports_bf16
 from fabric_quant.nn import split_int8
 from fabric_quant.nn.base import QuantizedLinear, Storage
+from fabric_quant.nn.onednn_linear import KernelCache
 
 GROUP_SIZES = (32, 64, 128, 256)
 """int4 group sizes (the ones both ATen int4 kernels take)."""
@@ -274,8 +275,9 @@ class WOQLinear(QuantizedLinear, torch.nn.Module):
     # -- kernels ----------------------------------------------------------------------------------------------------
 
     def _clear_caches(self) -> None:
-        # kernel layouts and per-dtype scale tensors, built on first use per (device, dtype); never saved
-        self._cache: dict[tuple, torch.Tensor] = {}
+        # kernel layouts and per-dtype scale tensors, built on first use per (device, dtype); never saved, copied or
+        # pickled (oneDNN's packed weight is an opaque tensor that deepcopy and torch.save cannot read)
+        self._cache: dict[tuple, torch.Tensor] = KernelCache()
 
     def _apply(self, fn, *args, **kwargs):
         self._clear_caches()  # a layout built for one device is meaningless on another
