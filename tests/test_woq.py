@@ -420,6 +420,14 @@ def test_onednn_int8_path_is_as_exact_as_fp32_products(onednn_everywhere, bias):
         assert bad[0, 1].isnan().all() and torch.isfinite(bad[1]).all()  # a NaN row stays NaN, others unharmed
 
 
+def test_onednn_int8_path_is_not_taken_under_autograd(onednn_everywhere):
+    layer = WOQLinear.from_float(_linear(512, 256), 8, None)
+    x = torch.randn(40, 512, requires_grad=True)  # many rows: the dequantizing path, which keeps the weight
+    assert layer.kernel(x) == "cpu-dequant" and layer.kernel(x.detach()) == "cpu-onednn"
+    layer(x).sum().backward()
+    assert rel_err(x.grad, layer.dequantized_weight().sum(0).expand_as(x)) < 1e-2  # bf16 products inside
+
+
 def test_onednn_int8_layers_deepcopy_and_pickle(onednn_everywhere, tmp_path):
     import copy
 
