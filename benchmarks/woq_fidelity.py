@@ -202,18 +202,19 @@ def quantize_arm(model, arm: str, inputs: dict[str, torch.Tensor], subject: Subj
 
     bits, group, search, _ = ARMS[arm]
     names, _ = woq_targets(model, WOQConfig.create(f"woq-int{bits}", group_size=group))
-    originals = {name: model.get_submodule(name).weight.detach().float().clone() for name in names}
-    if search == "gptq":  # the library call, on the model: calibration batches run through it
+    originals = {}
+    if search == "gptq":  # the library call, on the model: calibration batches run through it (float weights kept)
+        originals = {name: model.get_submodule(name).weight.detach().float().clone() for name in names}
         fq.quantize_(model, "woq-int4", group_size=group, scale_search="gptq", calibration_data=subject.calibration())
     err_sq, ref_sq, out_errs = 0.0, 0.0, []
     for name in names:
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         child = getattr(parent, attr)
-        w = originals[name]
         if search == "gptq":
-            new = child
-        else:
+            w, new = originals.pop(name), child
+        else:  # one float layer at a time
+            w = child.weight.detach().float()
             new = WOQLinear.from_float(child, bits, group, "mse" if search == "lsq" else search)
         if search == "lsq":
             q, new.scales, new.zeros = lsq_int4(w, group)

@@ -167,10 +167,11 @@ def quantize_woq(
 def refuse_gptq(config: WOQConfig, where: str) -> None:
     """``where`` (a plugin, the export) quantizes without running the model: GPTQ's calibration cannot happen there."""
     if config.scale_search == "gptq":
+        valid = [s for s in SCALE_SEARCHES if s != "gptq"]
         raise ValueError(
             f"{where}: scale_search='gptq' runs calibration batches through the model, which {where} does not do."
             " Quantize the model with fq.quantize_(model, 'woq-int4', scale_search='gptq', calibration_data=...)"
-            " and save it with fq.save_quantized; valid scale_search here: 'none', 'mse'"
+            f" and save it with fq.save_quantized; valid scale_search here: {valid}"
         )
 
 

@@ -509,8 +509,11 @@ def test_gptq_lowers_the_output_error_on_correlated_inputs():
 
 @pytest.mark.parametrize("budget", [None, 1])  # 1 byte: one calibration pass per layer, in model order
 def test_gptq_through_quantize_with_calibration_batches(budget, monkeypatch, tmp_path):
+    from fabric_quant.numerics import gptq
+
     if budget is not None:
-        monkeypatch.setattr("fabric_quant.numerics.gptq.HESSIAN_BYTES", budget)
+        monkeypatch.setattr(gptq, "HESSIAN_BYTES", budget)
+    assert len(gptq.hessian_passes({"fc1": 512, "fc2": 512})) == (1 if budget is None else 2)
     torch.manual_seed(0)
     mix = torch.randn(512, 512) / 512**0.5
     batches = [_correlated(128, mix) for _ in range(16)]  # 2048 rows: more than the 512 input features

@@ -302,14 +302,14 @@ class WOQLinear(QuantizedLinear, torch.nn.Module):
         ``cuda-int8``, ``cuda-int4`` or ``reference``."""
         device, dtype = x.device.type, x.dtype
         if self.bits == 8:
-            # the split int8 GEMM first: faster than the dequantizing path at every row count measured (1-128);
-            # not under autograd (rounding the activations has no gradient; the other paths' products do)
-            if (device == "cpu" and dtype in _KERNEL_DTYPES and self.onednn_int8
-                    and not (x.requires_grad and torch.is_grad_enabled())
-                    and split_int8.suits(self.in_features, self.out_features)):  # fmt: skip
-                return "cpu-onednn"
-            if device == "cpu" and dtype in _KERNEL_DTYPES and self._many_rows(x):
-                return "cpu-dequant"
+            if device == "cpu" and dtype in _KERNEL_DTYPES:
+                # the split int8 GEMM first: faster than the dequantizing path at every row count measured (1-128);
+                # not under autograd (rounding the activations has no gradient; the other paths' products do)
+                if (self.onednn_int8 and not (x.requires_grad and torch.is_grad_enabled())
+                        and split_int8.suits(self.in_features, self.out_features)):  # fmt: skip
+                    return "cpu-onednn"
+                if self._many_rows(x):
+                    return "cpu-dequant"
             # bf16 needs in_features % 16 == 0 (other widths crash or return wrong numbers, torch 2.13; probed)
             if device == "cpu" and (dtype == torch.float32 or (dtype == torch.bfloat16 and self.in_features % 16 == 0)):
                 return "cpu-int8"

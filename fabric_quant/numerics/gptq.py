@@ -62,8 +62,10 @@ def collect_hessians(
     return {n: sums[n] / rows[n] for n in names}
 
 
-def hessian_passes(shapes: dict[str, int], budget: int = HESSIAN_BYTES) -> list[list[str]]:
-    """The layers (name -> in_features, in model order) split into consecutive runs whose ``H`` fit ``budget``."""
+def hessian_passes(shapes: dict[str, int], budget: int | None = None) -> list[list[str]]:
+    """The layers (name -> in_features, in model order) split into consecutive runs whose ``H`` fit ``budget``
+    (default: :data:`HESSIAN_BYTES`, read at the call)."""
+    budget = HESSIAN_BYTES if budget is None else budget
     passes, current, used = [], [], 0
     for name, width in shapes.items():
         size = 4 * width * width
