@@ -1,10 +1,11 @@
 """The CPU kernel of ``woq-int8`` layers: oneDNN's int8 GEMM, the float activations split into two int8 terms.
 
 Why: decoding at batch 1 streams every weight from memory once per token, so a layer's time is its weight bytes
-over the memory bandwidth the kernel sustains. Measured here (2 threads, 16 distinct 2048 x 8192 layers in turn, so
-nothing is served from cache): bf16 ``F.linear`` 21.4 GB/s, ATen's ``torch._weight_int8pack_mm`` 13.1 GB/s (it
-converts every int8 weight to float, compute-bound at 2 cores), oneDNN's int8 x int8 GEMM
-(``torch.ops.onednn.qlinear_pointwise`` on a prepacked weight, AMX / VNNI) 21.5 GB/s, at 1, 2 or 4 rows alike.
+over the memory bandwidth the kernel sustains. ``python benchmarks/int8_stream.py`` (2 threads, 16 distinct
+2048 x 8192 layers in turn, so a call rarely finds its weight in cache; one run): bf16 ``F.linear`` 20.6 GB/s,
+ATen's ``torch._weight_int8pack_mm`` 13.1 GB/s (it converts every int8 weight to float, compute-bound at 2 cores),
+oneDNN's int8 x int8 GEMM (``torch.ops.onednn.qlinear_pointwise`` on a prepacked weight, AMX / VNNI) 21.2-21.3 GB/s,
+at 1, 2 or 4 rows alike.
 
 Weight-only numbers from an int8 x int8 GEMM: each activation row ``x`` is written as ``s1 * q1 + s2 * q2`` with
 ``q1 = round(x / s1)``, ``s1 = absmax(x) / 127`` and ``q2`` the rounded remainder on the grid ``s2 = s1 / 254``, so
