@@ -201,10 +201,10 @@ def test_piecewise_quantization_equals_bitsandbytes(quant_type, compress_statist
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape", [(256, 128), (200, 192), (48, 45)])
 def test_training_matmul_in_pieces_equals_bitsandbytes(quant_type, compress_statistics, dtype, shape, monkeypatch):
-    """A training forward dequantizes a big 4-bit weight a few rows at a time: the output, the input gradient and
-    the bias gradient must be bitsandbytes' up to summation order (smaller matmuls may block their sums
-    differently; the input gradient adds the pieces' products in fp32); a row length not a multiple of the block
-    size is one piece (four_bit_matmul.dequantized_pieces); without grad, bitsandbytes' own path."""
+    """A training forward dequantizes a big 4-bit weight a few rows at a time, its input gradient a few columns at
+    a time: the output, the input gradient and the bias gradient must be bitsandbytes' up to summation order
+    (smaller matmuls may block their sums differently); a row length not a multiple of the block size is one piece
+    (four_bit_matmul.dequantized_pieces); without grad, bitsandbytes' own path."""
     import bitsandbytes as bnb
 
     from fabric_quant.nn import bnb as fq_bnb
@@ -218,16 +218,21 @@ def test_training_matmul_in_pieces_equals_bitsandbytes(quant_type, compress_stat
     grad = torch.randn(3, 5, shape[0], dtype=dtype)
     ref = bnb.matmul_4bit(x, layer.weight, bias=layer.bias.to(dtype), quant_state=layer.weight.quant_state)
     ref_x, ref_b = torch.autograd.grad(ref, (x, layer.bias), grad)
-    pieces = []
-    real = four_bit_matmul.dequantized_pieces
+    pieces, columns = [], []
+    real_rows, real_columns = four_bit_matmul.dequantized_pieces, four_bit_matmul.dequantized_columns
     monkeypatch.setattr(fq_bnb, "PIECE_ELEMENTS", 1000)
     monkeypatch.setattr(four_bit_matmul, "dequantized_pieces",
-                        lambda *a: [pieces.append(p[:2]) or p for p in real(*a, elements=1000)])  # fmt: skip
+                        lambda *a, **k: [pieces.append(p[:2]) or p for p in real_rows(*a[:3], elements=1000)])  # fmt: skip
+    monkeypatch.setattr(four_bit_matmul, "dequantized_columns",
+                        lambda *a, **k: [columns.append(p[:2]) or p for p in real_columns(*a[:3], elements=1000)])  # fmt: skip
     out = layer(x)
+    assert len(pieces) > 4 if shape[1] % 64 == 0 else len(pieces) == 1  # the forward: rows
+    forward = pieces[:]  # (a one-piece gradient reads the rows again)
     got_x, got_b = torch.autograd.grad(out, (x, layer.bias), grad)
-    assert len(pieces) > 8 if shape[1] % 64 == 0 else len(pieces) == 2  # forward and backward: one each
-    assert pieces[-1][1] == shape[0]  # every row
-    assert all(a[1] == b[0] for a, b in itertools.pairwise(pieces) if b[0])  # contiguous, no row twice
+    assert len(columns) > 1 if shape[1] % 64 == 0 else columns == [(0, shape[1])]  # the input gradient: columns
+    for done, whole in ((forward, shape[0]), (columns, shape[1])):
+        assert done[0][0] == 0 and done[-1][1] == whole  # every row (column)
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(done))  # contiguous, none twice
     tolerance = 1e-6 if dtype == torch.float32 else 1e-2  # of the largest entry: one bf16 rounding is 4e-3
     for got, want in ((out, ref), (got_x, ref_x), (got_b, ref_b)):
         assert (got.float() - want.float()).abs().max() <= tolerance * want.float().abs().max()

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from fabric_quant.checkpoint import save_dir_atomically, save_tensors
+from fabric_quant.finetune.lora_dropout import lean_lora_dropout_
 from fabric_quant.loading import from_pretrained, output_heads
 from fabric_quant.nn.base import QuantizedLinear
 
@@ -36,7 +37,8 @@ def head_names(model, task: str) -> list[str]:
 
 
 def add_lora(model, task: str, lora, heads: list[str]):
-    """Wrap with peft LoRA; a classification head is trained in full (modules_to_save)."""
+    """Wrap with peft LoRA; a classification head is trained in full (modules_to_save). The adapters' dropout runs
+    inside lora_A, keeping no mask or dropped copy for the backward (fabric_quant.finetune.lora_dropout)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -47,7 +49,9 @@ def add_lora(model, task: str, lora, heads: list[str]):
         task_type=_TASK_TYPE[task],
         modules_to_save=heads if task == "sequence-classification" else None,
     )
-    return get_peft_model(model, config)
+    peft_model = get_peft_model(model, config)
+    lean_lora_dropout_(peft_model)
+    return peft_model
 
 
 def merged_tensors(peft_model, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:

@@ -4,12 +4,13 @@ Why: bitsandbytes' ``MatMul4Bit`` dequantizes the whole weight for the forward a
 one 8192 x 2048 MLP weight of the 1B Llama shape is 32 MB of bf16 (117 MB at 8B, 470 MB at 70B) held at once, on
 top of the activations, at exactly the moments a QLoRA step peaks (the recomputed forward and the backward of a
 checkpointed block, docs/fsdp.md). Here the same bitsandbytes kernel (``bitsandbytes::dequantize_4bit``) runs on
-pieces of whole quantization blocks, and each piece's matmul writes its columns of the output (forward) or adds its
-share of the input gradient (backward), so only one piece (:data:`PIECE_ELEMENTS`) is dequantized at a time.
-The weight stays frozen (no weight gradient, as in bitsandbytes). The results are bitsandbytes' up to summation
-order: the same dequantized values, each output column from one matmul (a smaller matmul may block its sums
-differently), the input gradient the sum of the pieces' products taken in fp32 (one fp32 input-sized tensor while
-it is summed; with a single piece, bitsandbytes' product as it is).
+pieces of whole quantization blocks, so only one piece (:data:`PIECE_ELEMENTS`) is dequantized at a time: a few rows
+of the weight for the forward, each piece's matmul writing its columns of the output; a few columns for the input
+gradient, each piece's matmul writing its columns of the gradient. The weight stays frozen (no weight gradient, as
+in bitsandbytes). The results are bitsandbytes' up to summation order: the same dequantized values, every output
+and gradient entry from one matmul over the whole reduction (a smaller matmul may block its sums differently).
+Row pieces for the gradient would need its partial sums kept in fp32: 16 MB more, plus as much for the conversion,
+at the 512 x 8192 gradient of the 1B shape's down projection, where a sharded QLoRA step peaked (docs/fsdp.md).
 """
 
 from __future__ import annotations
@@ -76,6 +77,29 @@ def dequantized_pieces(packed: torch.Tensor, state, dtype: torch.dtype, elements
             state.blocksize, state.quant_type, (stop - start, cols), dtype,
         )  # fmt: skip
         yield start, stop, piece
+        del piece  # else it would live on while the next piece is dequantized: two pieces at once
+
+
+def dequantized_columns(packed: torch.Tensor, state, dtype: torch.dtype, elements: int = PIECE_ELEMENTS):
+    """``(first_col, stop_col, weight columns in dtype)`` for the whole weight, one piece at a time: whole
+    quantization blocks of every row (a row length that is not a multiple of the block size: one piece, as
+    :func:`dequantized_pieces` reads it)."""
+    rows, cols = state.shape
+    size = state.blocksize
+    if cols % size or rows * cols <= elements:
+        yield from ((0, cols, weight) for _, _, weight in dequantized_pieces(packed, state, dtype, elements))
+        return
+    codes = packed.reshape(-1).view(torch.uint8).view(rows, cols // 2)
+    absmax = block_constants(state).view(rows, cols // size)
+    per_piece = min(cols, max(1, elements // rows // size) * size)  # whole blocks (and bytes: blocks are even)
+    for start in range(0, cols, per_piece):
+        stop = min(start + per_piece, cols)
+        piece = torch.ops.bitsandbytes.dequantize_4bit.default(
+            codes[:, start // 2 : stop // 2].contiguous(), absmax[:, start // size : stop // size].contiguous(),
+            size, state.quant_type, (rows, stop - start), dtype,
+        )  # fmt: skip
+        yield start, stop, piece
+        del piece  # as in dequantized_pieces
 
 
 def dequantize(packed: torch.Tensor, state, dtype: torch.dtype) -> torch.Tensor:
@@ -106,17 +130,16 @@ class PiecewiseMatMul4bit(torch.autograd.Function):
         flat = grad_output.reshape(-1, rows)
         grad_input = grad_bias = None
         if ctx.needs_input_grad[0]:
-            total = None  # the pieces' products summed in fp32: one rounding each, however many pieces
-            for start, stop, weight in dequantized_pieces(ctx.packed, ctx.state, flat.dtype):
-                part = flat[:, start:stop] @ weight
-                del weight
-                if total is None and stop == rows:  # one piece: bitsandbytes' product as it is
-                    total = part
-                elif total is None:
-                    total = part.float()
-                else:
-                    total += part
-            grad_input = total.to(flat.dtype).reshape(*grad_output.shape[:-1], cols)
+            grad_input = None
+            for start, stop, weight in dequantized_columns(ctx.packed, ctx.state, flat.dtype):
+                if start == 0 and stop == cols:  # one piece: bitsandbytes' product as it is
+                    grad_input = flat @ weight
+                    break
+                if grad_input is None:
+                    grad_input = flat.new_empty(len(flat), cols)
+                grad_input[:, start:stop] = flat @ weight
+                del weight  # before the next piece is dequantized
+            grad_input = grad_input.reshape(*grad_output.shape[:-1], cols)
         if ctx.bias_needs_grad:
             grad_bias = flat.sum(0)
         return grad_input, None, grad_bias, None

@@ -1,0 +1,121 @@
+"""LoRA dropout inside lora_A (fabric_quant.finetune.lora_dropout): the same gradients as autograd through the same
+mask, the same mask when a checkpointed block is recomputed, and less kept for the backward than peft's nn.Dropout."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional
+from torch.utils.checkpoint import checkpoint
+
+from fabric_quant.finetune.lora_dropout import DropoutLinear, _noise, lean_lora_dropout_
+
+
+class _Block(nn.Module):
+    """q/k-like layers reading one input, then a wider layer: the pattern of a transformer block."""
+
+    def __init__(self, dim: int = 32):
+        super().__init__()
+        self.q, self.k, self.up = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, 4 * dim)
+        self.down = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return x + self.down(functional.silu(self.up(self.q(x) * self.k(x))))
+
+
+class _Net(nn.Module):
+    def __init__(self, checkpointed: bool = False):
+        super().__init__()
+        self.blocks, self.checkpointed = nn.ModuleList([_Block(), _Block()]), checkpointed
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = checkpoint(block, x, use_reentrant=False) if self.checkpointed else block(x)
+        return x
+
+
+def _lora(dropout: float, lean: bool, checkpointed: bool = False):
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(_Net(checkpointed), LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout,
+                                           target_modules=["q", "k", "up", "down"]))  # fmt: skip
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero: no gradient would reach A or the input through it
+            param.data.normal_(std=0.1)
+    if lean:
+        assert lean_lora_dropout_(model) == (8 if dropout else 0)
+    return model.train()
+
+
+def test_gradients_are_autograds_through_the_same_mask():
+    layer = DropoutLinear(24, 6, bias=False)
+    layer.p = 0.25
+    x = torch.randn(3, 10, 24, dtype=torch.float64, requires_grad=True)
+    layer.double()
+    torch.manual_seed(5)
+    out = layer(x)
+    got = torch.autograd.grad(out, (x, layer.weight), torch.ones_like(out))
+    torch.manual_seed(5)  # the seed the layer drew, and the reference through autograd with that mask
+    noise = _noise(x, 0.25, int(torch.randint(0, 2**62, ())))
+    ref = functional.linear(x * noise, layer.weight)
+    want = torch.autograd.grad(ref, (x, layer.weight), torch.ones_like(ref))
+    assert torch.allclose(out, ref, rtol=1e-12, atol=0)
+    for g, w in zip(got, want, strict=True):
+        assert torch.allclose(g, w, rtol=1e-12, atol=1e-14)
+    kept = (noise != 0).double().mean().item()
+    assert abs(kept - 0.75) < 0.03 and torch.all((noise == 0) | (noise == 1 / 0.75))
+    layer.eval()  # no dropout outside training, and no seed drawn
+    assert torch.equal(layer(x), functional.linear(x, layer.weight))
+
+
+def test_a_checkpointed_recompute_draws_the_same_masks():
+    """Checkpointing restores the RNG state before recomputing: the gradients equal an uncheckpointed run's."""
+    grads = []
+    for checkpointed in (False, True):
+        model = _lora(0.3, lean=True, checkpointed=checkpointed)
+        x = torch.randn(4, 9, 32, requires_grad=True)
+        torch.manual_seed(11)
+        model(x).square().sum().backward()
+        grads.append([x.grad] + [p.grad for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*grads, strict=True):
+        assert torch.equal(a, b)
+
+
+def _saved_bytes(model, x) -> int:
+    storages = {}
+
+    def keep(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        model(x).sum()
+    return sum(storages.values())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keeps_what_no_dropout_keeps(dtype):
+    """peft's nn.Dropout keeps the noise and the dropped input per adapter; the lean one only the inputs, as with
+    lora_dropout=0."""
+    x = torch.randn(4, 64, 32, dtype=dtype, requires_grad=True)
+    stock, lean, none = (_lora(d, lean).to(dtype) for d, lean in ((0.1, False), (0.1, True), (0.0, False)))
+    assert _saved_bytes(lean, x) == _saved_bytes(none, x) < _saved_bytes(stock, x)
+    assert "lora_dropout" in str(stock) and type(lean.base_model.model.blocks[0].q.lora_dropout["default"]) is nn.Identity
+
+
+def test_adapter_files_and_merge_are_unchanged(tmp_path):
+    """Same parameter names, same saved config (lora_dropout kept), a plain peft reload; eval is the stock model's."""
+    from peft import PeftModel
+
+    stock, lean = _lora(0.2, lean=False), _lora(0.2, lean=True)
+    assert stock.state_dict().keys() == lean.state_dict().keys()
+    lean.save_pretrained(tmp_path)
+    torch.manual_seed(0)  # the base weights _lora built
+    reloaded = PeftModel.from_pretrained(_Net(), tmp_path)
+    assert reloaded.peft_config["default"].lora_dropout == 0.2
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        assert torch.equal(reloaded.eval()(x), lean.eval()(x))
+        assert torch.equal(stock.eval()(x), lean(x))  # the same adapter weights: _lora seeds them
