@@ -62,7 +62,20 @@ def _shard_block(block: torch.nn.Module, per_layer: bool, **kwargs) -> None:
     if per_layer:
         for _, layer in quantized_layers(block):
             fully_shard(layer, **kwargs)
+            if kwargs.get("reshard_after_forward", True):
+                layer.register_forward_hook(_reshard_after_recompute)
     fully_shard(block, **kwargs)
+
+
+def _reshard_after_recompute(unit, args, output):
+    """Free a unit gathered for the recomputed forward of a checkpointed block (a forward run by the backward pass).
+    FSDP2 does not reshard there (its post_forward skips it in the backward), so every layer of the block stayed
+    gathered from the recompute to its own backward: at the 1B shape 22 MB more at the down projection's
+    recompute, where a sharded QLoRA step peaked (docs/fsdp.md). The unit is gathered again at its backward: one
+    more all-gather of each layer per step."""
+    if torch._C._current_graph_task_id() != -1:
+        unit.reshard()
+    return output
 
 
 def shard_model(model: torch.nn.Module, mesh=None, *, blocks: list[torch.nn.Module] | None = None,

@@ -111,6 +111,23 @@ def test_fsdp_two_processes_equal_one_process_and_resume_exactly(llama_dir, inst
         assert torch.equal(_adapter(killed)[key], value), key
 
 
+@pytest.mark.slow
+def test_fsdp_with_gradient_checkpointing_equals_one_process(llama_dir, inst_data, tmp_path):
+    """Checkpointed blocks are recomputed in the backward, where each 4-bit layer's unit is resharded after its
+    recomputed forward and gathered again for its backward (fabric_quant.fsdp._reshard_after_recompute): the run
+    must still be the one-process run (fp32 compute), as without checkpointing above."""
+    one, fsdp = tmp_path / "one", tmp_path / "fsdp"
+    checkpointing = ("--train.gradient_checkpointing", "true", "--train.max_steps", "3", "--train.save_interval",
+                     "null", "--merge", "false")  # fmt: skip
+    _run(_args(llama_dir, inst_data, one, *checkpointing))
+    _run(_args(llama_dir, inst_data, fsdp, "--devices", "2", "--strategy", "fsdp", *checkpointing))
+    assert _losses(fsdp) == pytest.approx(_losses(one), rel=1e-6, abs=1e-7)
+    a, b = _adapter(one), _adapter(fsdp)
+    assert a.keys() == b.keys() and len(a) > 0
+    for key in a:
+        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=5e-6, msg=key)  # as above (vocabulary-parallel)
+
+
 @pytest.mark.parametrize(
     ("extra", "match"),
     [
