@@ -119,3 +119,43 @@ def test_adapter_files_and_merge_are_unchanged(tmp_path):
     with torch.no_grad():
         assert torch.equal(reloaded.eval()(x), lean.eval()(x))
         assert torch.equal(stock.eval()(x), lean(x))  # the same adapter weights: _lora seeds them
+
+
+def _tiny_llama(seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2)  # fmt: skip
+    return LlamaForCausalLM(config)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_lean_norms_and_mlp_give_transformers_results_and_keep_less(dtype):
+    """Llama's RMSNorm and MLP product under their own checkpoint: logits and every gradient bit-identical to
+    transformers' modules, less kept for the backward; a Gemma-style norm (other arithmetic) is left alone."""
+    import pickle
+
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+
+    from fabric_quant.finetune.lean_activations import lean_activations_
+
+    ids = torch.randint(0, 64, (2, 24), generator=torch.Generator().manual_seed(1))
+    results = []
+    for lean in (False, True):
+        model = _tiny_llama().to(dtype)
+        if lean:
+            assert lean_activations_(model) == 2 * 2 + 1 + 2  # two norms a block, the final norm, two MLPs
+            assert lean_activations_(model) == 0  # done once
+            pickle.loads(pickle.dumps(model))  # the lean classes are importable
+        logits = model(ids).logits
+        kept = _saved_bytes(lambda x: model(ids).logits, None)
+        grads = torch.autograd.grad(logits.float().square().sum(), list(model.parameters()))
+        results.append((logits, grads, kept))
+    (logits_a, grads_a, kept_a), (logits_b, grads_b, kept_b) = results
+    assert torch.equal(logits_a, logits_b)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        assert torch.equal(a, b)
+    assert kept_b < kept_a
+    gemma = nn.Sequential(GemmaRMSNorm(32))
+    assert lean_activations_(gemma) == 0

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from fabric_quant.checkpoint import save_dir_atomically, save_tensors
+from fabric_quant.finetune.lean_activations import lean_activations_
 from fabric_quant.finetune.lora_dropout import lean_lora_dropout_
 from fabric_quant.loading import from_pretrained, output_heads
 from fabric_quant.nn.base import QuantizedLinear
@@ -38,7 +39,8 @@ def head_names(model, task: str) -> list[str]:
 
 def add_lora(model, task: str, lora, heads: list[str]):
     """Wrap with peft LoRA; a classification head is trained in full (modules_to_save). The adapters' dropout runs
-    inside lora_A, keeping no mask or dropped copy for the backward (fabric_quant.finetune.lora_dropout)."""
+    inside lora_A, keeping no mask or dropped copy for the backward (fabric_quant.finetune.lora_dropout); Llama-code
+    norms and MLP products keep only their inputs (fabric_quant.finetune.lean_activations)."""
     from peft import LoraConfig, get_peft_model
 
     config = LoraConfig(
@@ -51,6 +53,7 @@ def add_lora(model, task: str, lora, heads: list[str]):
     )
     peft_model = get_peft_model(model, config)
     lean_lora_dropout_(peft_model)
+    lean_activations_(peft_model)
     return peft_model
 
 
