@@ -221,10 +221,11 @@ def test_training_matmul_in_pieces_equals_bitsandbytes(quant_type, compress_stat
     pieces, columns = [], []
     real_rows, real_columns = four_bit_matmul.dequantized_pieces, four_bit_matmul.dequantized_columns
     monkeypatch.setattr(fq_bnb, "PIECE_ELEMENTS", 1000)
-    monkeypatch.setattr(four_bit_matmul, "dequantized_pieces",
-                        lambda *a, **k: [pieces.append(p[:2]) or p for p in real_rows(*a[:3], elements=1000)])  # fmt: skip
-    monkeypatch.setattr(four_bit_matmul, "dequantized_columns",
-                        lambda *a, **k: [columns.append(p[:2]) or p for p in real_columns(*a[:3], elements=1000)])  # fmt: skip
+    def recorded(real, record):
+        return lambda *a, **k: [record.append(p[:2]) or p for p in real(*a[:3], elements=1000)]
+
+    monkeypatch.setattr(four_bit_matmul, "dequantized_pieces", recorded(real_rows, pieces))
+    monkeypatch.setattr(four_bit_matmul, "dequantized_columns", recorded(real_columns, columns))
     out = layer(x)
     assert len(pieces) > 4 if shape[1] % 64 == 0 else len(pieces) == 1  # the forward: rows
     forward = pieces[:]  # (a one-piece gradient reads the rows again)

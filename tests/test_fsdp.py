@@ -112,20 +112,35 @@ def test_fsdp_two_processes_equal_one_process_and_resume_exactly(llama_dir, inst
 
 
 @pytest.mark.slow
-def test_fsdp_with_gradient_checkpointing_equals_one_process(llama_dir, inst_data, tmp_path):
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
+def test_fsdp_with_gradient_checkpointing_equals_one_process(llama_dir, inst_data, tmp_path, precision):
     """Checkpointed blocks are recomputed in the backward, where each 4-bit layer's unit is resharded after its
     recomputed forward and gathered again for its backward (fabric_quant.fsdp._reshard_after_recompute): the run
-    must still be the one-process run (fp32 compute), as without checkpointing above."""
+    must still be the one-process run. fp32 compute: as without checkpointing above. bf16 compute: every sum
+    rounds to 8 bits of mantissa, and two ranks sum the gradients in another order than one process's
+    accumulation, so the runs drift apart: within TOLERANCE_BF16 (measured, with margin)."""
     one, fsdp = tmp_path / "one", tmp_path / "fsdp"
-    checkpointing = ("--train.gradient_checkpointing", "true", "--train.max_steps", "3", "--train.save_interval",
-                     "null", "--merge", "false")  # fmt: skip
+    checkpointing = ("--precision", precision, "--train.gradient_checkpointing", "true", "--train.max_steps", "3",
+                     "--train.save_interval", "null", "--merge", "false")  # fmt: skip
     _run(_args(llama_dir, inst_data, one, *checkpointing))
     _run(_args(llama_dir, inst_data, fsdp, "--devices", "2", "--strategy", "fsdp", *checkpointing))
-    assert _losses(fsdp) == pytest.approx(_losses(one), rel=1e-6, abs=1e-7)
     a, b = _adapter(one), _adapter(fsdp)
     assert a.keys() == b.keys() and len(a) > 0
+    if precision == "32-true":
+        assert _losses(fsdp) == pytest.approx(_losses(one), rel=1e-6, abs=1e-7)
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=5e-6, msg=key)  # as above (vocabulary-parallel)
+        return
+    loss_tol, adapter_tol = TOLERANCE_BF16
+    assert _losses(fsdp) == pytest.approx(_losses(one), rel=loss_tol)
     for key in a:
-        torch.testing.assert_close(b[key], a[key], rtol=1e-5, atol=5e-6, msg=key)  # as above (vocabulary-parallel)
+        torch.testing.assert_close(b[key].float(), a[key].float(), rtol=0, atol=adapter_tol, msg=key)
+
+
+# bf16 compute, 3 steps (see the test above): relative loss difference, absolute adapter difference. Measured
+# (torch 2.13 CPU): losses within 1.5e-4 absolute (4e-5 relative); adapters (bf16, updated in bf16) within 0.0083 on
+# entries of up to 0.13: the two runs' roundings of the same updates part after a few steps.
+TOLERANCE_BF16 = (1e-3, 0.02)
 
 
 @pytest.mark.parametrize(

@@ -3,9 +3,9 @@
 Why: peft computes ``lora_B(lora_A(dropout(x)))``. With ``nn.Dropout`` on CPU, autograd then keeps two tensors the
 size of ``x`` for every adapted layer: the scaled noise (for the dropout's gradient) and the dropped input (for
 ``lora_A``'s weight gradient), held from the forward (or the recomputed forward of a checkpointed block) to the
-backward; q, k and v read one input and keep six such tensors. Here ``lora_A`` applies the dropout itself and keeps only its input
-``x`` (shared by the layers that read the same input: q/k/v, gate/up) and an integer seed: the memory of
-``lora_dropout=0``, the same dropout distribution.
+backward; q, k and v read one input and keep six such tensors. Here ``lora_A`` applies the dropout itself and keeps
+only its input ``x`` (shared by the layers that read the same input: q/k/v, gate/up) and an integer seed: the memory
+of ``lora_dropout=0``, the same dropout distribution.
 
 The seed comes from the default CPU generator at each forward, so activation checkpointing (which restores the RNG
 state before recomputing) recomputes the same mask; the masks differ from ``nn.Dropout``'s for the same seed. Layers
@@ -76,7 +76,7 @@ def lean_lora_dropout_(model: nn.Module) -> int:
         if not isinstance(module, LoraLayer):
             continue
         for name, dropout in module.lora_dropout.items():
-            lora_a = module.lora_A[name] if name in module.lora_A else None
+            lora_a = module.lora_A[name] if name in module.lora_A else None  # noqa: SIM401 (a ModuleDict)
             variants = getattr(module, "lora_variant", {})
             if type(dropout) is not nn.Dropout or type(lora_a) is not nn.Linear or name in variants:
                 continue
