@@ -1,7 +1,9 @@
 """Host memory kept per matmul shape: one 2048 -> 8192 bf16 layer's forward and input-gradient matmuls on a fresh
 weight each time (as a dequantized 4-bit weight), for a sequence of row counts, RSS after each. A new row count
-leaves memory behind (oneDNN's kernels for that shape); a row count met before does not. Why the QLoRA recipe pads
-its batches (``data.pad_to_multiple_of``) and the loss its row counts (docs/fsdp.md).
+leaves memory behind, a row count met before does not: why the QLoRA recipe pads its batches
+(``data.pad_to_multiple_of``) and the loss its row counts (docs/fsdp.md). Most of it is freed memory glibc keeps
+around oneDNN's per-shape allocations: compare a run under ``MALLOC_MMAP_THRESHOLD_=65536`` (and
+``ONEDNN_PRIMITIVE_CACHE_CAPACITY=0``).
 
     python benchmarks/onednn_shape_memory.py            # prints; writes nothing
 """

@@ -183,9 +183,9 @@ def chunked_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, chunk: in
     return total, grad
 
 
-# Row counts of the head's matmuls are rounded up to this: oneDNN (CPU) compiles a kernel, with its scratch memory,
-# for every matmul shape it meets and keeps up to 1024 of them; the number of loss tokens differs in every batch, so
-# without it a QLoRA run grew by tens of MB per step for its first steps (docs/fsdp.md).
+# Row counts of the head's matmuls are rounded up to this: every new matmul shape leaves memory behind on CPU
+# (oneDNN's per-shape allocations and the freed memory glibc keeps around them); the number of loss tokens differs in
+# every batch, so without it a QLoRA run grew by tens of MB per step for its first steps (docs/fsdp.md).
 ROW_MULTIPLE = 64
 
 
