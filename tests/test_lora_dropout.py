@@ -1,5 +1,6 @@
 """LoRA dropout inside lora_A (fabric_quant.finetune.lora_dropout): the same gradients as autograd through the same
-mask, the same mask when a checkpointed block is recomputed, and less kept for the backward than peft's nn.Dropout."""
+mask, the same mask when a checkpointed block is recomputed, and less kept for the backward than peft's nn.Dropout.
+Also the lean norms and MLP products (fabric_quant.finetune.lean_activations) the recipe applies beside it."""
 
 from __future__ import annotations
 

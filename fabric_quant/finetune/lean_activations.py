@@ -29,18 +29,17 @@ def _act_times_up(act_fn, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     return act_fn(gate) * up
 
 
+def _recomputed(fn, *args):
+    """``fn(*args)``, recomputed in the backward instead of keeping its intermediates (under grad)."""
+    return checkpoint(fn, *args, use_reentrant=False) if torch.is_grad_enabled() else fn(*args)
+
+
 def _norm_forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-    base = type(self).__mro__[1].forward
-    if torch.is_grad_enabled():
-        return checkpoint(base, self, hidden_states, use_reentrant=False)
-    return base(self, hidden_states)
+    return _recomputed(type(self).__mro__[1].forward, self, hidden_states)
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    gate, up = self.gate_proj(x), self.up_proj(x)
-    if torch.is_grad_enabled():
-        return self.down_proj(checkpoint(_act_times_up, self.act_fn, gate, up, use_reentrant=False))
-    return self.down_proj(_act_times_up(self.act_fn, gate, up))
+    return self.down_proj(_recomputed(_act_times_up, self.act_fn, self.gate_proj(x), self.up_proj(x)))
 
 
 _LEAN: dict[type, type] = {}

@@ -50,15 +50,13 @@ class _DroppedLinear(torch.autograd.Function):
 
 class DropoutLinear(nn.Linear):
     """peft's ``lora_A`` (a bias-free ``nn.Linear``, its parameters and state dict unchanged) with the adapter's
-    dropout inside (``p``): see the module docstring."""
+    dropout inside (``p``): see the module docstring. Only bias-free layers are given this class."""
 
     p: float = 0.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and self.p > 0):
-            return functional.linear(x, self.weight, self.bias)
-        if self.bias is not None:  # peft's lora_A has none; keep any other layer exact
-            return functional.linear(functional.dropout(x, self.p, True), self.weight, self.bias)
+            return functional.linear(x, self.weight)
         seed = int(torch.randint(0, 2**62, ()))
         return _DroppedLinear.apply(x, self.weight, self.p, seed)
 
@@ -75,10 +73,11 @@ def lean_lora_dropout_(model: nn.Module) -> int:
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
+        variants = getattr(module, "lora_variant", {})
         for name, dropout in module.lora_dropout.items():
             lora_a = module.lora_A[name] if name in module.lora_A else None  # noqa: SIM401 (a ModuleDict)
-            variants = getattr(module, "lora_variant", {})
-            if type(dropout) is not nn.Dropout or type(lora_a) is not nn.Linear or name in variants:
+            plain = type(lora_a) is nn.Linear and lora_a.bias is None
+            if type(dropout) is not nn.Dropout or not plain or name in variants:
                 continue
             lora_a.__class__ = DropoutLinear
             lora_a.p = dropout.p
