@@ -5,8 +5,9 @@ of the bf16 input the block holds anyway), and ``LlamaMLP`` computes ``act_fn(ga
 activation's output besides ``gate`` and ``up`` (one more intermediate-sized tensor per block). With a 4-bit base
 whose matmul keeps no activation (fabric_quant.nn.four_bit_matmul) these are a large share of what a recomputed
 block holds at once: at the 1B Llama shape with 512 tokens, two 4.2 MB fp32 norm inputs and one 8.4 MB activation
-output, held where a sharded QLoRA step peaked (docs/fsdp.md). Here each runs under a non-reentrant ``torch.utils.checkpoint``: the same operations
-recomputed in the backward from the inputs, so outputs and gradients are transformers' to the bit.
+output, held where a sharded QLoRA step peaked (docs/fsdp.md). Here each runs under a non-reentrant
+``torch.utils.checkpoint``: the same operations recomputed in the backward from the inputs, so outputs and
+gradients are transformers' to the bit.
 
 Applied to a module only when its ``forward`` is transformers' Llama code (compared by bytecode): the copies other
 model families make of it (Mistral, Qwen2, ...) qualify, variants with other arithmetic (Gemma's ``1 + weight``) do
