@@ -53,7 +53,10 @@ def test_onednn_path_matches_the_int_mm_reference(shape, bias, config):
 
 
 @needs_onednn
-def test_one_token_path_uses_the_reference_codes(monkeypatch):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 2048), (1, 1, 2048)])
+@pytest.mark.parametrize("grad", [False, True])  # an input that requires grad (the codes are computed in numpy)
+def test_one_token_path_uses_the_reference_codes(monkeypatch, dtype, shape, grad):
     seen = []
     real = torch.ops.onednn.qlinear_pointwise
 
@@ -64,12 +67,16 @@ def test_one_token_path_uses_the_reference_codes(monkeypatch):
 
     torch.manual_seed(0)
     layer = Int8Linear.from_float(torch.nn.Linear(2048, 640))
-    x = torch.randn(1, 2048) * 5
+    x = (torch.randn(shape) * 5).to(dtype)
+    x[..., :3] = torch.tensor([2.5, -2.5, 0.5]) * x.float().abs().max() / 127  # ties: half to even
+    x.requires_grad_(grad)
     monkeypatch.setattr(torch.ops.onednn, "qlinear_pointwise", Spy())
-    with torch.inference_mode():
-        layer(x)
-    (q, x_scale), expected = seen[0], quantize_per_token(x)
+    with torch.no_grad():
+        out = layer(x)
+    (q, x_scale), expected = seen[0], quantize_per_token(x.detach().reshape(1, -1))
     assert torch.equal(q, expected[0]) and x_scale == expected[1].item()
+    assert out.shape == (*shape[:-1], 640) and out.dtype == dtype
+    torch.testing.assert_close(out.float(), _reference(layer, x.detach()).float(), rtol=0.02, atol=0.02)
 
 
 @needs_onednn

@@ -111,12 +111,18 @@ def dynamic_int8_linear(
 def _one_token(rows, packed, w_scale, bias, dtype, relu) -> torch.Tensor:
     # One row (decoding, batch 1): its per-token scale is a per-tensor scale, which oneDNN takes by value, so
     # the token scale, bias and ReLU all run inside the GEMM. The scale is computed in fp32 arithmetic exactly as
-    # the tensor path does it (clamp, / 127, reciprocal: IEEE-rounded in numpy.float32), so the codes are the same;
-    # this saves the small ops whose fixed cost dominates a one-row layer.
-    rows = rows if rows.dtype == torch.float32 else rows.float()
-    scale = numpy.float32(max(float(rows.abs().amax()), _EPS)) / numpy.float32(127)
-    q = torch.mul(rows, float(numpy.float32(1) / scale)).round_().to(torch.int8)
-    bias = None if bias is None else bias.to(dtype)
+    # the tensor path does it (clamp, / 127, reciprocal: IEEE-rounded in numpy.float32), so the codes are the same.
+    # The codes are computed in numpy, and no ATen call is made that does not compute: between two GEMMs that
+    # streamed their weights through the caches every call here runs cold (its code and data come from L3), and
+    # numpy's calls are shorter than ATen's dispatch (`python benchmarks/cold_ops.py`, 4096 wide, 2 threads:
+    # about 60 against 90 us after the GEMM, 9 against 20 us warm).
+    if rows.dtype != torch.float32 or rows.requires_grad:
+        rows = rows.detach().float()
+    values = rows.numpy()
+    scale = numpy.float32(max(float(numpy.abs(values).max()), _EPS)) / numpy.float32(127)
+    q = torch.from_numpy(numpy.rint(values * (numpy.float32(1) / scale)).astype(numpy.int8))
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
     post_op = "relu" if relu else "none"
     return torch.ops.onednn.qlinear_pointwise(
         q, float(scale), 0, packed, w_scale, None, bias, 1.0, 0, dtype, post_op, [], ""
