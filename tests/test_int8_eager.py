@@ -2,6 +2,7 @@
 outputs up to float rounding, derived state never saved, fallbacks."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -77,6 +78,16 @@ def test_one_token_path_uses_the_reference_codes(monkeypatch, dtype, shape, grad
     assert torch.equal(q, expected[0]) and x_scale == expected[1].item()
     assert out.shape == (*shape[:-1], 640) and out.dtype == dtype
     torch.testing.assert_close(out.float(), _reference(layer, x.detach()).float(), rtol=0.02, atol=0.02)
+
+
+@needs_onednn
+def test_one_token_nan_gives_nan_without_a_numpy_warning():
+    layer = Int8Linear.from_float(torch.nn.Linear(2048, 640))
+    x = torch.randn(1, 2048)
+    x[0, 3] = float("nan")
+    with warnings.catch_warnings(), torch.inference_mode():
+        warnings.simplefilter("error")  # numpy's "invalid value encountered in cast" would be one
+        assert layer(x).isnan().all()
 
 
 @needs_onednn

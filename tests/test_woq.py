@@ -420,6 +420,24 @@ def test_onednn_int8_path_is_as_exact_as_fp32_products(onednn_everywhere, bias):
         assert bad[0, 1].isnan().all() and torch.isfinite(bad[1]).all()  # a NaN row stays NaN, others unharmed
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_onednn_int8_one_row_equals_the_many_row_path_bit_for_bit(onednn_everywhere, dtype):
+    # one row (decoding at batch 1) runs the same fp32 operations in numpy (fewer cold calls); the rows of a
+    # many-row call go through the same codes, GEMM and rescale, so each row must come out identical
+    layer = WOQLinear.from_float(_linear(512, 256), 8, None)
+    x = (torch.randn(4, 512) * torch.tensor([[0.01], [1.0], [30.0], [1.0]])).to(dtype)
+    x[3, :3] = torch.tensor([2.5, -2.5, 0.5]) * x[3].float().abs().max() / 127  # ties: half to even
+    with torch.no_grad():
+        assert layer.kernel(x[:1]) == "cpu-onednn"
+        many = layer(x)
+        for i in range(4):
+            assert torch.equal(layer(x[i : i + 1]), many[i : i + 1])
+        assert torch.equal(layer(x[1:2].unsqueeze(0)), many[1:2].unsqueeze(0))  # (1, 1, k), as in decoding
+        x_bad = x[1:2].clone()
+        x_bad[0, 5] = float("nan")
+        assert layer(x_bad).isnan().all()  # a NaN row stays NaN
+
+
 def test_onednn_int8_path_is_not_taken_under_autograd(onednn_everywhere):
     layer = WOQLinear.from_float(_linear(512, 256), 8, None)
     x = torch.randn(40, 512, requires_grad=True)  # many rows: the dequantizing path, which keeps the weight

@@ -120,7 +120,8 @@ def _one_token(rows, packed, w_scale, bias, dtype, relu) -> torch.Tensor:
         rows = rows.detach().float()
     values = rows.numpy()
     scale = numpy.float32(max(float(numpy.abs(values).max()), _EPS)) / numpy.float32(127)
-    q = torch.from_numpy(numpy.rint(values * (numpy.float32(1) / scale)).astype(numpy.int8))
+    with numpy.errstate(invalid="ignore"):  # a NaN row's codes are garbage, as in ATen's cast; its scale is NaN
+        q = torch.from_numpy(numpy.rint(values * (numpy.float32(1) / scale)).astype(numpy.int8))
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
     post_op = "relu" if relu else "none"

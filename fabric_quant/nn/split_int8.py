@@ -28,6 +28,7 @@ ATen's; below 256 output features oneDNN's op is pathologically slow in torch 2.
 
 from __future__ import annotations
 
+import numpy
 import torch
 
 from fabric_quant.nn.onednn_linear import onednn_linear_available
@@ -68,6 +69,8 @@ def linear(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, pack
            ) -> torch.Tensor:
     """``rows @ (qweight * scales[:, None])^T`` in fp32. ``packed``: ``qlinear_prepack(qweight)`` (eager), or
     None while compiling (inductor packs the constant weight itself)."""
+    if packed is not None and rows.shape[0] == 1:
+        return _one_row(rows, packed, scales)
     q, s = split_codes(rows)
     if packed is None:
         # exactly inductor's "_int_mm -> convert -> mul -> mul" int8 pattern (fx_passes/quantization.py)
@@ -77,3 +80,22 @@ def linear(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, pack
                                                  "none", [], "").mul_(s)  # fmt: skip
     m = rows.shape[0]
     return out[:m] + out[m:]
+
+
+def _one_row(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    # Decoding at batch 1, eager: the same fp32 operations as split_codes and the rescale, in numpy. Between two
+    # GEMMs that streamed their weights through the caches every call runs cold, and numpy's calls are shorter
+    # than ATen's dispatch (onednn_linear._one_token, benchmarks/cold_ops.py); this path made about 20 ATen calls.
+    f32 = numpy.float32
+    if rows.dtype != torch.float32 or rows.requires_grad:
+        rows = rows.detach().float()
+    x = rows.numpy()
+    s1 = f32(max(float(numpy.abs(x).max()), _EPS)) / f32(127)
+    s2 = s1 / f32(254)
+    q1 = numpy.rint(x / s1)
+    q2 = numpy.clip(numpy.rint((x - q1 * s1) / s2), -127, 127)
+    with numpy.errstate(invalid="ignore"):  # a NaN row's codes are garbage, as in ATen's cast; its scale is NaN
+        q = torch.from_numpy(numpy.concatenate([q1, q2]).astype(numpy.int8))
+    out = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, scales, None, None, 1.0, 0, torch.float32, "none",
+                                             [], "").numpy()  # fmt: skip
+    return torch.from_numpy(out[:1] * s1 + out[1:] * s2)
