@@ -108,6 +108,15 @@ def dynamic_int8_linear(
     return out.relu_() if relu else out
 
 
+def numpy_row(rows: torch.Tensor) -> tuple[numpy.ndarray, numpy.float32]:
+    """A one-row tensor as an fp32 numpy array (no copy when it already is fp32) and its symmetric int8 scale,
+    ``absmax / 127`` clamped as :func:`quantize_per_token` does, in the same fp32 arithmetic."""
+    if rows.dtype != torch.float32 or rows.requires_grad:
+        rows = rows.detach().float()
+    values = rows.numpy()
+    return values, numpy.float32(max(float(numpy.abs(values).max()), _EPS)) / numpy.float32(127)
+
+
 def _one_token(rows, packed, w_scale, bias, dtype, relu) -> torch.Tensor:
     # One row (decoding, batch 1): its per-token scale is a per-tensor scale, which oneDNN takes by value, so
     # the token scale, bias and ReLU all run inside the GEMM. The scale is computed in fp32 arithmetic exactly as
@@ -116,10 +125,7 @@ def _one_token(rows, packed, w_scale, bias, dtype, relu) -> torch.Tensor:
     # streamed their weights through the caches every call here runs cold (its code and data come from L3), and
     # numpy's calls are shorter than ATen's dispatch (`python benchmarks/cold_ops.py`, 4096 wide, 2 threads:
     # about 60 against 90 us after the GEMM, 9 against 20 us warm).
-    if rows.dtype != torch.float32 or rows.requires_grad:
-        rows = rows.detach().float()
-    values = rows.numpy()
-    scale = numpy.float32(max(float(numpy.abs(values).max()), _EPS)) / numpy.float32(127)
+    values, scale = numpy_row(rows)
     with numpy.errstate(invalid="ignore"):  # a NaN row's codes are garbage, as in ATen's cast; its scale is NaN
         q = torch.from_numpy(numpy.rint(values * (numpy.float32(1) / scale)).astype(numpy.int8))
     if bias is not None and bias.dtype != dtype:

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy
 import torch
 
-from fabric_quant.nn.onednn_linear import onednn_linear_available
+from fabric_quant.nn.onednn_linear import numpy_row, onednn_linear_available
 
 MIN_OUT_FEATURES = 256
 """Below this many outputs oneDNN's int8 GEMM is slower than ATen's kernel by orders of magnitude (torch 2.13)."""
@@ -86,12 +86,8 @@ def _one_row(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> 
     # Decoding at batch 1, eager: the same fp32 operations as split_codes and the rescale, in numpy. Between two
     # GEMMs that streamed their weights through the caches every call runs cold, and numpy's calls are shorter
     # than ATen's dispatch (onednn_linear._one_token, benchmarks/cold_ops.py); this path made about 20 ATen calls.
-    f32 = numpy.float32
-    if rows.dtype != torch.float32 or rows.requires_grad:
-        rows = rows.detach().float()
-    x = rows.numpy()
-    s1 = f32(max(float(numpy.abs(x).max()), _EPS)) / f32(127)
-    s2 = s1 / f32(254)
+    x, s1 = numpy_row(rows)
+    s2 = s1 / numpy.float32(254)
     q1 = numpy.rint(x / s1)
     q2 = numpy.clip(numpy.rint((x - q1 * s1) / s2), -127, 127)
     with numpy.errstate(invalid="ignore"):  # a NaN row's codes are garbage, as in ATen's cast; its scale is NaN
