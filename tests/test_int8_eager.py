@@ -81,13 +81,16 @@ def test_one_token_path_uses_the_reference_codes(monkeypatch, dtype, shape, grad
 
 
 @needs_onednn
-def test_one_token_nan_gives_nan_without_a_numpy_warning():
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_one_token_nan_or_inf_gives_non_finite_without_a_numpy_warning(bad):
     layer = Int8Linear.from_float(torch.nn.Linear(2048, 640))
     x = torch.randn(1, 2048)
-    x[0, 3] = float("nan")
+    x[0, 3] = bad
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("error")  # numpy's "invalid value encountered in cast" would be one
-        assert layer(x).isnan().all()
+        out = layer(x)
+    assert not out.isfinite().any()
+    assert out.isnan().all() or bad == float("inf")
 
 
 @needs_onednn

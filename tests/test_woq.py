@@ -3,6 +3,7 @@ the plugin, and the export of a (fine-tuned) tiny Llama to a folder that reloads
 
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -436,6 +437,10 @@ def test_onednn_int8_one_row_equals_the_many_row_path_bit_for_bit(onednn_everywh
         x_bad = x[1:2].clone()
         x_bad[0, 5] = float("nan")
         assert layer(x_bad).isnan().all()  # a NaN row stays NaN
+        x_bad[0, 5] = float("inf")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # numpy's invalid-value warnings would be errors
+            assert not layer(x_bad).isfinite().any()
 
 
 def test_onednn_int8_path_is_not_taken_under_autograd(onednn_everywhere):

@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy
 import torch
 
-from fabric_quant.nn.onednn_linear import numpy_row, onednn_linear_available
+from fabric_quant.nn.onednn_linear import non_finite_ok, numpy_row, onednn_linear_available
 
 MIN_OUT_FEATURES = 256
 """Below this many outputs oneDNN's int8 GEMM is slower than ATen's kernel by orders of magnitude (torch 2.13)."""
@@ -88,10 +88,10 @@ def _one_row(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> 
     # than ATen's dispatch (onednn_linear._one_token, benchmarks/cold_ops.py); this path made about 20 ATen calls.
     x, s1 = numpy_row(rows)
     s2 = s1 / numpy.float32(254)
-    q1 = numpy.rint(x / s1)
-    q2 = numpy.clip(numpy.rint((x - q1 * s1) / s2), -127, 127)
-    with numpy.errstate(invalid="ignore"):  # a NaN row's codes are garbage, as in ATen's cast; its scale is NaN
+    with non_finite_ok(s1):
+        q1 = numpy.rint(x / s1)
+        q2 = numpy.clip(numpy.rint((x - q1 * s1) / s2), -127, 127)
         q = torch.from_numpy(numpy.concatenate([q1, q2]).astype(numpy.int8))
-    out = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, scales, None, None, 1.0, 0, torch.float32, "none",
-                                             [], "").numpy()  # fmt: skip
-    return torch.from_numpy(out[:1] * s1 + out[1:] * s2)
+        out = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, scales, None, None, 1.0, 0, torch.float32,
+                                                 "none", [], "").numpy()  # fmt: skip
+        return torch.from_numpy(out[:1] * s1 + out[1:] * s2)
