@@ -504,6 +504,34 @@ def test_compiled_onednn_int8_lowers_to_one_int8_gemm_per_layer(onednn_everywher
     assert rel_err(out, eager) < 1e-5
 
 
+@pytest.mark.parametrize("mode", ["woq-int4", "woq-int8", "ptq-dynamic-int8"])
+def test_compile_model_compiles_once_and_stores_no_layout_while_tracing(mode):
+    # the layouts a layer builds on first use are constant-folded under compile_model's freezing; storing them
+    # while tracing changed the state the graph was guarded on, and the next call compiled the whole model again
+    from fabric_quant.kernels import can_compile, compile_model
+
+    if not can_compile():
+        pytest.skip("no C++ compiler for inductor")
+    torch._dynamo.reset()
+    dtype = torch.float32 if mode == "ptq-dynamic-int8" else torch.bfloat16
+    model = torch.nn.Sequential(_linear(256, 512), torch.nn.ReLU(), _linear(512, 256, seed=1)).to(dtype)
+    fq.quantize_(model, mode, **({"group_size": 64} if mode == "woq-int4" else {}))
+    x = torch.randn(1, 256, dtype=dtype)
+    with torch.inference_mode():
+        eager = model(x)  # fills the eager caches ...
+        for layer in (model[0], model[2]):
+            layer._clear_caches()  # ... emptied: the compiled graph must build what it needs itself
+        compiled = compile_model(model)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            outs = [compiled(x) for _ in range(3)]
+    assert all(not getattr(layer, "_cache", None) and not getattr(layer, "_float_cache", None)
+               for layer in (model[0], model[2]))  # fmt: skip
+    assert rel_err(outs[-1].float(), eager.float()) < 2e-2
+    with torch.inference_mode():
+        model(x)  # eager calls still keep what they build
+    assert model[0]._cache or model[0]._float_cache or model[0]._kernel
+
+
 # --- GPTQ (scale_search="gptq") ------------------------------------------------------------------------------------
 
 

@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from fabric_quant.nn.base import QuantizedLinear, Storage
+from fabric_quant.nn.base import QuantizedLinear, Storage, keep_derived
 from fabric_quant.nn.onednn_linear import KernelCache, dynamic_int8_linear, onednn_linear_available, packed_weight
 from fabric_quant.numerics.quant import (
     VALID_BITS,
@@ -99,15 +99,21 @@ class _Int8Weight(QuantizedLinear):
     def int8_weight(self) -> torch.Tensor:
         if self.bits == 8:
             return self.qweight
-        if self._cache is None:  # unpacked once; the state dict keeps the packed bytes
-            self._cache = unpack_int4(self.qweight, math.prod(self.weight_shape)).reshape(self.weight_shape)
-        return self._cache
+        if self._cache is not None:  # unpacked once; the state dict keeps the packed bytes
+            return self._cache
+        weight = unpack_int4(self.qweight, math.prod(self.weight_shape)).reshape(self.weight_shape)
+        if keep_derived():
+            self._cache = weight
+        return weight
 
     def row_sums(self) -> torch.Tensor:
         """Sum of each int8 weight row (int32), for the activation zero-point correction; computed once."""
-        if self._row_sums is None:
-            self._row_sums = self.int8_weight().sum(1, dtype=torch.int32)
-        return self._row_sums
+        if self._row_sums is not None:
+            return self._row_sums
+        sums = self.int8_weight().sum(1, dtype=torch.int32)
+        if keep_derived():
+            self._row_sums = sums
+        return sums
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._clear_caches()
@@ -119,9 +125,12 @@ class _Int8Weight(QuantizedLinear):
     def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight for the float kernels (convolutions, per-group Linear), built once per dtype and
         kept: the checkpoint stays int8/int4, the float copy only lives in memory next to it."""
-        if dtype not in self._float_cache:
-            self._float_cache[dtype] = self.dequantized_weight().to(dtype)
-        return self._float_cache[dtype]
+        if dtype in self._float_cache:
+            return self._float_cache[dtype]
+        weight = self.dequantized_weight().to(dtype)
+        if keep_derived():
+            self._float_cache[dtype] = weight
+        return weight
 
     def is_quantized(self) -> bool:
         return True
