@@ -21,7 +21,12 @@ Arms: ``int8``; ``int4-g<G>`` (min / max per group), ``-mse`` (the library's ``s
 scale and zero to its codes, codes re-rounded, the lowest-error (scale, zero) per group kept: the MSE-refinement
 half of HQQ-style quantizers), ``-gptq`` (the library's ``scale_search="gptq"``, calibrated on inputs disjoint from
 the scored ones: MiniLM the next 128 pydoc paragraphs, Llama 16 other random prompts of 512 tokens); ``fp32`` /
-``bf16``: the other float dtype, no weight error (a yardstick).
+``bf16``: the other float dtype, no weight error (a yardstick). ``bound-<R>bits``: no quantizer, a bound: each
+weight matrix replaced by a draw from the Gaussian rate-distortion test channel at ``R`` bits per weight
+(:func:`rd_channel`), the smallest mean squared weight error that any code of ``R`` bits per weight can reach on
+i.i.d. Gaussian weights, the random Llama's (transformers draws them from N(0, 0.02^2)). 4.25 is int4 g128's
+rate with its scales and zeros; 3.32 gives int4 g128's measured 10 % weight error, to check that Gaussian noise of
+that size costs what the quantizer's error costs. On trained weights (not Gaussian) the arm is no bound.
 """
 
 from __future__ import annotations
@@ -51,6 +56,8 @@ ARMS = {
     "int4-g128-gptq": (4, 128, "gptq", None),
     "int4-g32": (4, 32, "none", None),
     "int4-g32-mse": (4, 32, "mse", None),
+    # no quantizer: the best any code of this many bits per weight can do on Gaussian weights (see rd_channel)
+    **{f"bound-{b}bits": (b, None, "bound", None) for b in (3.32, 4.25, 5.0, 6.0)},
 }
 COLUMNS = ("arm", "reference", "weight_rel_err", "linear_out_rel_err", "hidden_rel_err_first", "hidden_rel_err_final",
            "growth", "output_cosine", "top1_agreement", "quantize_s", "hidden_rel_err_by_block")  # fmt: skip
@@ -86,6 +93,17 @@ def lsq_int4(weight: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch
     s, z = scale.float()[..., None], zero.float()[..., None]
     q = torch.clamp(torch.round((groups - (z - 8 * s)) / s), 0, 15).to(torch.uint8).reshape(weight.shape)
     return q, scale, zero
+
+
+def rd_channel(weight: torch.Tensor, bits: float, generator: torch.Generator) -> torch.Tensor:
+    """A draw from the test channel that achieves the distortion-rate function of a Gaussian source,
+    ``D(R) = sigma^2 2^(-2R)``: ``W_hat = (1 - r^2) W + r sqrt(1 - r^2) sigma Z`` with ``r = 2^-R``, so that
+    ``W = W_hat + E`` with ``E`` independent of ``W_hat`` and ``||W_hat - W|| / ||W|| = r`` (in expectation).
+    ``sigma`` is the matrix's own standard deviation."""
+    w = weight.detach().float()
+    r, sigma = 2.0**-bits, float(w.std())
+    z = torch.randn(w.shape, generator=generator)
+    return (1 - r * r) * w + (r * math.sqrt(1 - r * r) * sigma) * z
 
 
 class Subject:
@@ -201,8 +219,9 @@ def quantize_arm(model, arm: str, inputs: dict[str, torch.Tensor], subject: Subj
     from fabric_quant.woq import WOQConfig, woq_targets
 
     bits, group, search, _ = ARMS[arm]
-    names, _ = woq_targets(model, WOQConfig.create(f"woq-int{bits}", group_size=group))
+    names, _ = woq_targets(model, WOQConfig.create(f"woq-int{8 if bits == 8 else 4}", group_size=group))
     originals = {}
+    generator = torch.Generator().manual_seed(0)
     if search == "gptq":  # the library call, on the model: calibration batches run through it (float weights kept)
         originals = {name: model.get_submodule(name).weight.detach().float().clone() for name in names}
         fq.quantize_(model, "woq-int4", group_size=group, scale_search="gptq", calibration_data=subject.calibration())
@@ -213,6 +232,9 @@ def quantize_arm(model, arm: str, inputs: dict[str, torch.Tensor], subject: Subj
         child = getattr(parent, attr)
         if search == "gptq":
             w, new = originals.pop(name), child
+        elif search == "bound":  # the float layer, its weight replaced by a draw from the channel (model dtype)
+            w, new = child.weight.detach().float().clone(), child
+            child.weight.data.copy_(rd_channel(w, bits, generator))
         else:  # one float layer at a time
             w = child.weight.detach().float()
             new = WOQLinear.from_float(child, bits, group, "mse" if search == "lsq" else search)
@@ -220,7 +242,7 @@ def quantize_arm(model, arm: str, inputs: dict[str, torch.Tensor], subject: Subj
             q, new.scales, new.zeros = lsq_int4(w, group)
             new.qweight = pack_nibbles(q)
             new._clear_caches()  # the kernel layout is built from the codes on first use
-        dq = new.dequantized_weight()
+        dq = new.weight.detach().float() if search == "bound" else new.dequantized_weight()
         err_sq += float((dq - w).square().sum())
         ref_sq += float(w.square().sum())
         x = inputs[name].float()
@@ -324,7 +346,9 @@ def main(
     """
     from fabric_quant.report import check_plotting, write_report
 
-    default = [a for a in ARMS if ARMS[a][0] is not None] + (["bf16"] if model == "minilm" else ["fp32"])
+    bounds = model != "minilm"  # a bound only on Gaussian weights
+    default = [a for a in ARMS if ARMS[a][0] is not None and (bounds or ARMS[a][2] != "bound")]
+    default += ["bf16"] if model == "minilm" else ["fp32"]
     arms = default if arms is None else arms
     bad = [a for a in arms if a not in ARMS]
     if bad:

@@ -49,6 +49,7 @@ def test_decode_bench_tiny_end_to_end(tmp_path):
     rows = decode.main(arms=["bf16"], compile="compiled", **{**common, "batch_sizes": [1]})
     compiled = next(r for r in rows if r["compiled"])
     assert not compiled.get("error"), compiled
+    assert compiled["graphs"] == 1  # one compilation per batch size, none in the warm-up steps
     assert compiled["compile_s"] > 0 and compiled["logit_cosine"] > 0.999 and math.isfinite(compiled["tps_vs_bf16"])
     with open(tmp_path / "out" / "decode_tiny_cpu.csv") as f:
         table = list(csv.DictReader(f))
@@ -83,10 +84,22 @@ def test_lsq_refit_never_raises_the_error_of_the_mse_search():
     assert err <= err_mse and err < 0.99 * (recon(*quantize_int4(w, 128)) - w).square().sum()
 
 
+def test_rate_distortion_channel_has_the_bound_error_and_an_independent_residual():
+    import torch
+
+    w = torch.randn(512, 512, generator=torch.Generator().manual_seed(0)) * 0.02
+    for bits in (3.32, 4.25, 6.0):
+        w_hat = woq_fidelity.rd_channel(w, bits, torch.Generator().manual_seed(1))
+        assert float((w_hat - w).norm() / w.norm()) == pytest.approx(2.0**-bits, rel=0.01)
+        residual = w - w_hat  # the optimal code's error is uncorrelated with its reconstruction
+        assert abs(float(torch.corrcoef(torch.stack([residual.flatten(), w_hat.flatten()]))[0, 1])) < 0.01
+
+
 def test_fidelity_bench_on_a_tiny_llama(tmp_path):
     common = {"model": "tiny", "work_dir": tmp_path, "out_dir": tmp_path / "out"}
-    rows = woq_fidelity.main(arms=["int8", "int4-g32", "fp32"], **common)
+    rows = woq_fidelity.main(arms=["int8", "int4-g32", "fp32", "bound-5.0bits"], **common)
     by = {r["arm"]: r for r in rows}
+    assert by["bound-5.0bits"]["weight_rel_err"] == pytest.approx(2**-5, rel=0.05)
     assert by["int8"]["weight_rel_err"] < 0.02 < by["int4-g32"]["weight_rel_err"] < 0.1
     assert by["int4-g32"]["output_cosine"] < by["int8"]["output_cosine"] < 1.0
     assert by["fp32"]["weight_rel_err"] == 0 and by["fp32"]["hidden_rel_err_final"] > 0  # rounding only
@@ -94,7 +107,7 @@ def test_fidelity_bench_on_a_tiny_llama(tmp_path):
         assert row["growth"] == pytest.approx(row["hidden_rel_err_final"] / row["linear_out_rel_err"])
         assert len(row["hidden_rel_err_by_block"].split()) == 2  # one value per block of the 2-layer model
     rows = woq_fidelity.main(arms=["int4-g128"], **common)  # a piece: the earlier rows are kept
-    assert [r["arm"] for r in rows] == ["fp32", "int8", "int4-g128", "int4-g32"]
+    assert [r["arm"] for r in rows] == ["fp32", "int8", "int4-g128", "int4-g32", "bound-5.0bits"]
     assert rows[1]["weight_rel_err"] == pytest.approx(by["int8"]["weight_rel_err"])
     for suffix in ("md", "csv", "png"):
         assert (tmp_path / "out" / f"woq_fidelity_tiny.{suffix}").stat().st_size > 0
