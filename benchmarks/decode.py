@@ -58,7 +58,7 @@ ARMS = {
 }
 REFERENCE = "bf16"
 COLUMNS = ("arm", "compiled", "batch", "float_layers", "weights_mb", "bytes_per_param", "load_s", "prefill_ms",
-           "decode_tps_per_seq", "decode_tps_total", "tps_vs_bf16", "tps_vs_fp32", "compile_s", "logit_cosine",
+           "decode_tps_per_seq", "decode_tps_total", "tps_vs_bf16", "tps_vs_fp32", "compile_s", "graphs", "logit_cosine",
            "token_agreement", "peak_rss_mb", "decode_rss_mb", "error")  # fmt: skip
 
 
@@ -197,10 +197,13 @@ def worker(arm: str, compiled: bool, model_dir: Path, batch_sizes: list[int], pr
     rows = []
     for batch in batch_sizes:
         row = {**common, "batch": batch}
+        graphs = _graphs_compiled()
         try:
             result = decode(model, forward, batch, prompt_tokens, new_tokens, ref_dir, reference)
             if compiled:  # the first call traces and compiles; a step's own time taken off
                 result["compile_s"] = result["first_step_s"] - batch / result["decode_tps_total"]
+                # 1 per batch size: a recompile in the warm-up steps would be compilation time compile_s misses
+                result["graphs"] = _graphs_compiled() - graphs
             row |= result
         except Exception as err:  # a failing arm (e.g. a compilation error) is a row of the table, not a crash
             row["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:200] if str(err) else ''}"
@@ -211,6 +214,12 @@ def worker(arm: str, compiled: bool, model_dir: Path, batch_sizes: list[int], pr
         row["peak_rss_mb"] = max(load_peak, decode_peak)
         row["decode_rss_mb"] = decode_peak if reset else float("nan")
     return rows
+
+
+def _graphs_compiled() -> int:
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
 
 
 def _key(row: dict) -> tuple:
@@ -386,7 +395,8 @@ def _run(model, arms, batch_sizes, compile, prompt_tokens, new_tokens, work_dir,
         + ("; autotune=True: inductor's C++ GEMM templates benchmarked against the library kernels per shape"
            if autotune else "")
         + ");"
-        " compile_s = its first call (cold: inductor caches off) minus one step. tps_vs_*: against bf16 / fp32"
+        " compile_s = its first call (cold: inductor caches off) minus one step; graphs: how many graphs dynamo"
+        " compiled for that batch size (1: nothing recompiled in the warm-up steps, outside compile_s). tps_vs_*: against bf16 / fp32"
         " of the same batch and setting. logit_cosine / token_agreement: every arm fed the bf16 eager greedy tokens"
         " (teacher forcing), mean cosine of its logits to bf16's and the fraction of steps whose argmax is bf16's"
         f" token. Random weights: bf16's greedy output used {distinct} distinct tokens per batch size; the top-1"
