@@ -58,8 +58,8 @@ ARMS = {
 }
 REFERENCE = "bf16"
 COLUMNS = ("arm", "compiled", "batch", "float_layers", "weights_mb", "bytes_per_param", "load_s", "prefill_ms",
-           "decode_tps_per_seq", "decode_tps_total", "tps_vs_bf16", "tps_vs_fp32", "compile_s", "graphs", "logit_cosine",
-           "token_agreement", "peak_rss_mb", "decode_rss_mb", "error")  # fmt: skip
+           "decode_tps_per_seq", "decode_tps_total", "tps_vs_bf16", "tps_vs_fp32", "compile_s", "graphs",
+           "logit_cosine", "token_agreement", "peak_rss_mb", "decode_rss_mb", "error")  # fmt: skip
 
 
 def build_checkpoint(model: str, path: Path) -> Path:
@@ -396,8 +396,9 @@ def _run(model, arms, batch_sizes, compile, prompt_tokens, new_tokens, work_dir,
            if autotune else "")
         + ");"
         " compile_s = its first call (cold: inductor caches off) minus one step; graphs: how many graphs dynamo"
-        " compiled for that batch size (1: nothing recompiled in the warm-up steps, outside compile_s). tps_vs_*: against bf16 / fp32"
-        " of the same batch and setting. logit_cosine / token_agreement: every arm fed the bf16 eager greedy tokens"
+        " compiled for that batch size (1: nothing recompiled in the warm-up steps, outside compile_s)."
+        " tps_vs_*: against bf16 / fp32 of the same batch and setting. logit_cosine / token_agreement: every arm fed"
+        " the bf16 eager greedy tokens"
         " (teacher forcing), mean cosine of its logits to bf16's and the fraction of steps whose argmax is bf16's"
         f" token. Random weights: bf16's greedy output used {distinct} distinct tokens per batch size; the top-1"
         " margin of a random model's logits is small, so agreement is a harsh test (cosine is the steadier one)."

@@ -532,6 +532,28 @@ def test_compile_model_compiles_once_and_stores_no_layout_while_tracing(mode):
     assert model[0]._cache or model[0]._float_cache or model[0]._kernel
 
 
+def test_compile_model_compiles_a_bitsandbytes_int8_model_once():
+    # bitsandbytes' Linear8bitLt moves its codes into its matmul state on its first forward: compile_model makes
+    # that call before tracing, so the traced first call no longer edits guarded state
+    import copy
+
+    from fabric_quant.kernels import can_compile, compile_model
+
+    if not can_compile():
+        pytest.skip("no C++ compiler for inductor")
+    torch._dynamo.reset()
+    model = torch.nn.Sequential(_linear(256, 512), torch.nn.ReLU(), _linear(512, 256, seed=1)).to(torch.bfloat16)
+    fq.quantize_(model, "int8")
+    fresh = copy.deepcopy(model)
+    x = torch.randn(4, 256, dtype=torch.bfloat16)
+    with torch.inference_mode():
+        compiled = compile_model(model)
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            outs = [compiled(x) for _ in range(3)]
+        eager = fresh(x)
+    assert rel_err(outs[-1].float(), eager.float()) < 2e-2
+
+
 # --- GPTQ (scale_search="gptq") ------------------------------------------------------------------------------------
 
 
