@@ -94,14 +94,14 @@ def compile_model(model: torch.nn.Module, autotune: bool = False, **compile_kwar
     # every compiled copy of one model class recompiles the same forward; past dynamo's limit (8) the rest would
     # silently run eager, e.g. in a benchmark comparing several quantized copies
     dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
-    # static shapes: a new input shape (batch 1, then 8) compiles its own fully specialised graph rather than one
-    # symbolic-batch graph for all; pass dynamic=None/True to trade that for fewer compilations
     for module in model.modules():
         # bitsandbytes' Linear8bitLt moves its int8 codes from the weight into its matmul state on its first
         # forward; done while dynamo traces, that edit changes the state the graph is guarded on, and the second
         # call compiles the whole model again. Done here, it is the same call, made once before tracing.
         if getattr(getattr(module, "weight", None), "CB", None) is not None and hasattr(module, "init_8bit_state"):
             module.init_8bit_state()
+    # static shapes: a new input shape (batch 1, then 8) compiles its own fully specialised graph rather than one
+    # symbolic-batch graph for all; pass dynamic=None/True to trade that for fewer compilations
     compiled = torch.compile(model, **{"dynamic": False, **compile_kwargs})
     forward = compiled.forward
 

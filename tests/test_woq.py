@@ -524,12 +524,11 @@ def test_compile_model_compiles_once_and_stores_no_layout_while_tracing(mode):
         compiled = compile_model(model)
         with torch._dynamo.config.patch(error_on_recompile=True):
             outs = [compiled(x) for _ in range(3)]
-    assert all(not getattr(layer, "_cache", None) and not getattr(layer, "_float_cache", None)
-               for layer in (model[0], model[2]))  # fmt: skip
+    assert not model[0]._cache and not model[2]._cache  # every layer keeps what it derives there
     assert rel_err(outs[-1].float(), eager.float()) < 2e-2
     with torch.inference_mode():
         model(x)  # eager calls still keep what they build
-    assert model[0]._cache or model[0]._float_cache or model[0]._kernel
+    assert model[0]._cache or model[0]._kernel
 
 
 def test_compile_model_compiles_a_bitsandbytes_int8_model_once():

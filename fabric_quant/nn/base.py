@@ -27,6 +27,16 @@ def keep_derived() -> bool:
     return not inductor_config.freezing
 
 
+def derived(store: dict, key, build):
+    """``store[key]``, built by ``build()`` on first use and kept there where :func:`keep_derived` allows."""
+    if key in store:
+        return store[key]
+    value = build()
+    if keep_derived():
+        store[key] = value
+    return value
+
+
 def local(tensor: torch.Tensor) -> torch.Tensor:
     """This rank's part of a sharded (FSDP2 DTensor) tensor, or the tensor itself."""
     from torch.distributed.tensor import DTensor

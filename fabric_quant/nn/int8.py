@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 
-from fabric_quant.nn.base import QuantizedLinear, Storage, keep_derived
+from fabric_quant.nn.base import QuantizedLinear, Storage, derived
 from fabric_quant.nn.onednn_linear import KernelCache, dynamic_int8_linear, onednn_linear_available, packed_weight
 from fabric_quant.numerics.quant import (
     VALID_BITS,
@@ -94,26 +94,19 @@ class _Int8Weight(QuantizedLinear):
         self._clear_caches()
 
     def _clear_caches(self) -> None:
-        self._cache, self._row_sums, self._float_cache = None, None, {}
+        # derived from the weights, built on first use: "int8" (int4 unpacked), "row_sums", ("float", dtype)
+        self._cache: dict = {}
 
     def int8_weight(self) -> torch.Tensor:
         if self.bits == 8:
             return self.qweight
-        if self._cache is not None:  # unpacked once; the state dict keeps the packed bytes
-            return self._cache
-        weight = unpack_int4(self.qweight, math.prod(self.weight_shape)).reshape(self.weight_shape)
-        if keep_derived():
-            self._cache = weight
-        return weight
+        # unpacked once; the state dict keeps the packed bytes
+        return derived(self._cache, "int8",
+                       lambda: unpack_int4(self.qweight, math.prod(self.weight_shape)).reshape(self.weight_shape))
 
     def row_sums(self) -> torch.Tensor:
         """Sum of each int8 weight row (int32), for the activation zero-point correction; computed once."""
-        if self._row_sums is not None:
-            return self._row_sums
-        sums = self.int8_weight().sum(1, dtype=torch.int32)
-        if keep_derived():
-            self._row_sums = sums
-        return sums
+        return derived(self._cache, "row_sums", lambda: self.int8_weight().sum(1, dtype=torch.int32))
 
     def _load_from_state_dict(self, *args, **kwargs):
         self._clear_caches()
@@ -125,12 +118,7 @@ class _Int8Weight(QuantizedLinear):
     def compute_weight(self, dtype: torch.dtype) -> torch.Tensor:
         """The dequantized weight for the float kernels (convolutions, per-group Linear), built once per dtype and
         kept: the checkpoint stays int8/int4, the float copy only lives in memory next to it."""
-        if dtype in self._float_cache:
-            return self._float_cache[dtype]
-        weight = self.dequantized_weight().to(dtype)
-        if keep_derived():
-            self._float_cache[dtype] = weight
-        return weight
+        return derived(self._cache, ("float", dtype), lambda: self.dequantized_weight().to(dtype))
 
     def is_quantized(self) -> bool:
         return True

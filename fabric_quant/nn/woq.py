@@ -50,7 +50,7 @@ import torch.nn.functional as F  # noqa: N812
 
 from fabric_quant.dtypes import cpu_supports_bf16
 from fabric_quant.nn import split_int8
-from fabric_quant.nn.base import QuantizedLinear, Storage, keep_derived
+from fabric_quant.nn.base import QuantizedLinear, Storage, derived
 from fabric_quant.nn.onednn_linear import KernelCache
 
 GROUP_SIZES = (32, 64, 128, 256)
@@ -293,12 +293,7 @@ class WOQLinear(QuantizedLinear, torch.nn.Module):
                 setattr(self, key, tensor.clone())
 
     def _cached(self, key: tuple, build) -> torch.Tensor:
-        if key in self._cache:
-            return self._cache[key]
-        value = build()
-        if keep_derived():
-            self._cache[key] = value
-        return value
+        return derived(self._cache, key, build)
 
     def kernel(self, x: torch.Tensor) -> str:
         """Which path a float input ``x`` takes: ``cpu-onednn``, ``cpu-int8``, ``cpu-int4``, ``cpu-dequant``,
