@@ -5,9 +5,10 @@ Layers, bottom up: ``numerics`` (integer grids, fake quantization, observers) ->
 ``convert`` -> ``plugins`` (thin Lightning adapters, imported only when a plugin is asked for).
 """
 
+# first: _bnb installs its log filters on import, before anything below imports bitsandbytes (it logs then)
+from fabric_quant import _bnb  # noqa: F401  # isort: skip
 from fabric_quant import bnb as _bnb_family  # noqa: F401  (registers the bitsandbytes modes)
 from fabric_quant import woq as _woq_family  # noqa: F401  (registers woq-int8 / woq-int4)
-from fabric_quant._bnb import quiet_bitsandbytes_logs
 from fabric_quant.api import convert, quantize_
 from fabric_quant.checkpoint import dequantized_state_dict, load_quantized, save_dequantized, save_quantized
 from fabric_quant.footprint import Footprint, footprint
@@ -63,5 +64,3 @@ __all__ = [
     "unregister_mode",
 ]
 __version__ = "0.1.0"
-
-quiet_bitsandbytes_logs()

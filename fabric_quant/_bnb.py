@@ -11,7 +11,8 @@ from types import ModuleType
 def quiet_bitsandbytes_logs() -> None:
     """Filter two bitsandbytes log lines that are not user errors; every other bitsandbytes message still shows.
 
-    Installed when fabric_quant is imported, because transformers or peft may import bitsandbytes first.
+    Installed when this module is imported (fabric_quant imports it first), because transformers, peft or the
+    package itself may import bitsandbytes, which logs the first one while it imports.
     """
     # The optional `kernels` package (a hub download) is missing: bitsandbytes then uses its own CPU kernel.
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
@@ -21,6 +22,9 @@ def quiet_bitsandbytes_logs() -> None:
     logging.getLogger("bitsandbytes.autograd._functions").addFilter(
         lambda record: "to float16 during quantization" not in record.getMessage()
     )
+
+
+quiet_bitsandbytes_logs()
 
 
 @functools.lru_cache(maxsize=1)

@@ -23,7 +23,14 @@ from typing import Literal
 import torch
 
 from fabric_quant.nn.base import QuantizedLinear, Storage, derived
-from fabric_quant.nn.onednn_linear import KernelCache, dynamic_int8_linear, onednn_linear_available, packed_weight
+from fabric_quant.nn.cpu_isa import int8_gemm
+from fabric_quant.nn.onednn_linear import (
+    KernelCache,
+    dynamic_int8_linear,
+    int_mm_rescaled,
+    onednn_linear_available,
+    packed_weight,
+)
 from fabric_quant.numerics.quant import (
     VALID_BITS,
     absmax_scale,
@@ -191,6 +198,8 @@ class Int8Linear(_Int8Weight, torch.nn.Module):
         rows = x.numel() // self.in_features
         if rows * self.in_features * self.out_features < SMALL_MATMUL:
             return False  # same numbers (up to float rounding) from a float matmul on the dequantized weight
+        if x.device.type == "cpu" and int8_gemm() == "float":
+            return False  # no VNNI: every int8 GEMM torch reaches saturates its int16 sums (nn/cpu_isa.py)
         # CUDA's torch._int_mm takes K and N in multiples of 8 and M > 16 rows; the CPU kernel takes any shape
         return x.device.type == "cpu" or (self.in_features % 8 == 0 and self.out_features % 8 == 0 and rows > 16)
 
@@ -209,11 +218,26 @@ class Int8Linear(_Int8Weight, torch.nn.Module):
             and onednn_linear_available()
         )
 
+    def kernel(self, x: torch.Tensor) -> str:
+        """Which kernel an input ``x`` runs (``fabric_quant.kernels.report`` lists them): ``onednn-s8`` /
+        ``onednn-u8`` (oneDNN's int8 GEMM, activations signed or shifted to uint8: ``nn/cpu_isa.py``; ``+siblings``
+        when one GEMM serves the layers sharing this input), ``int_mm`` (``torch._int_mm`` and a float rescale:
+        the reference, and what compiled graphs trace), ``int_mm-static`` or ``float`` (a float matmul on the
+        dequantized weight: weight-only, per-group scales, or a product too small to gain)."""
+        if not self._integer_ok(x):
+            return "float"
+        if self.activations != "dynamic":
+            return "int_mm-static"
+        if not self._onednn_ok(x):
+            return "int_mm"
+        return int8_gemm() + ("+siblings" if self._siblings is not None else "")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.dim() == 2  # no reshapes then: at batch 1 each skipped call saves a cold dispatch (onednn_linear)
         rows = x if flat else x.reshape(-1, self.in_features)
         if not self._integer_ok(x):
-            out = torch.nn.functional.linear(self._quantize_input(rows), self.compute_weight(x.dtype), self.bias)
+            bias = None if self.bias is None else self.bias.to(x.dtype)  # a bf16 rest (ptq-*-bf16) under fp32 input
+            out = torch.nn.functional.linear(self._quantize_input(rows), self.compute_weight(x.dtype), bias)
         elif self.activations == "dynamic":  # ReLU applied inside (fused into the kernel where it can be)
             out = self._dynamic_int8(rows)
             return out if flat else out.reshape(*x.shape[:-1], self.out_features)
@@ -242,7 +266,7 @@ class Int8Linear(_Int8Weight, torch.nn.Module):
                 self._kernel["failed"] = True
         scale = per_token_scale(rows)
         q = torch.clamp(torch.round(rows.float() * (1.0 / scale)), -127, 127).to(torch.int8)  # as fake_quant
-        out = torch._int_mm(q, self.qweight_t).to(dtype) * scale.to(dtype) * self.weight_scale.to(dtype)
+        out = int_mm_rescaled(q, self.qweight_t, scale, self.weight_scale, dtype)
         out = out if self.bias is None else out + self.bias.to(dtype)
         return torch.relu(out) if self.relu else out
 
@@ -312,8 +336,12 @@ class Int8Conv(_Int8Weight, torch.nn.Module):
             self._act = (float(self.act_scale), int(self.act_zero_point))
         return self._act
 
+    def kernel(self, x: torch.Tensor) -> str:
+        """``onednn-qconv`` (oneDNN's uint8 x int8 convolution) or ``float`` (on the dequantized weight)."""
+        return "onednn-qconv" if self.onednn and x.device.type == "cpu" else "float"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.onednn and x.device.type == "cpu":
+        if self.kernel(x) == "onednn-qconv":
             return self._onednn_forward(x)
         if x.dtype == torch.uint8:  # quantized by the previous conv for this layer's input
             x = (x.float() - self.act_zero_point) * self.act_scale

@@ -22,10 +22,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import platform
 
 import numpy
 import torch
+
+from fabric_quant.nn.cpu_isa import int8_gemm, is_x86, kernel_codes, signed_activations
 
 _EPS = torch.finfo(torch.float32).eps
 # Past this many elements, two reductions (amax, amin) beat abs-then-amax (one pass that writes a temporary);
@@ -35,13 +36,21 @@ _MINMAX_FROM = 1 << 16
 
 @functools.cache
 def onednn_linear_available() -> bool:
-    """True when oneDNN's int8 Linear ops exist and this is an x86 CPU with kernels for them (VNNI or AMX; AVX2
-    at least)."""
-    from fabric_quant.kernels import cpu_features
-
-    is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
+    """True when oneDNN's int8 Linear ops exist and this is an x86 CPU with exact fast kernels for them (AMX, or
+    VNNI with uint8 activations: :func:`fabric_quant.nn.cpu_isa.int8_gemm`)."""
     has_ops = hasattr(torch.ops.onednn, "qlinear_pointwise") and hasattr(torch.ops.onednn, "qlinear_prepack")
-    return is_x86 and has_ops and torch.backends.mkldnn.is_available() and cpu_features()["avx2"]
+    return is_x86() and has_ops and torch.backends.mkldnn.is_available() and int8_gemm() != "float"
+
+
+def qlinear(q: torch.Tensor, x_scale: float, packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None,
+            dtype: torch.dtype, post_op: str = "none") -> torch.Tensor:
+    """oneDNN's int8 GEMM of the fresh signed codes ``q`` (shifted in place to uint8 where the CPU has no fast
+    signed kernel: :func:`fabric_quant.nn.cpu_isa.kernel_codes`) with the packed weight: ``(q @ W^T) * x_scale *
+    w_scale (+ bias, post_op)`` in ``dtype``. The one call site of the op, so every path picks its encoding here."""
+    q, zero_point = kernel_codes(q)
+    return torch.ops.onednn.qlinear_pointwise(
+        q, x_scale, zero_point, packed, w_scale, None, bias, 1.0, 0, dtype, post_op, [], ""
+    )
 
 
 def quantize_per_token(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,9 +109,7 @@ def dynamic_int8_linear(
     if rows.shape[0] == 1:
         return _one_token(rows, packed, w_scale, bias, dtype, relu)
     q, scale = quantize_per_token(rows)
-    out = torch.ops.onednn.qlinear_pointwise(
-        q, 1.0, 0, packed, w_scale, None, None, 1.0, 0, dtype, "none", [], ""
-    )  # = int32 sum * w_scale, in dtype
+    out = qlinear(q, 1.0, packed, w_scale, None, dtype)  # = int32 sum * w_scale, in dtype
     if dtype != torch.float32:
         scale, bias = scale.to(dtype), None if bias is None else bias.to(dtype)
     # in place on the GEMM's fresh output: no second M x N buffer (timed 4-22 % faster on MiniLM's shapes)
@@ -146,7 +153,16 @@ def _one_token(rows, packed, w_scale, bias, dtype, relu) -> torch.Tensor:
     q, scale = one_row_codes(rows)
     if bias is not None and bias.dtype != dtype:
         bias = bias.to(dtype)
-    post_op = "relu" if relu else "none"
-    return torch.ops.onednn.qlinear_pointwise(
-        q, float(scale), 0, packed, w_scale, None, bias, 1.0, 0, dtype, post_op, [], ""
-    )
+    return qlinear(q, float(scale), packed, w_scale, bias, dtype, "relu" if relu else "none")
+
+
+def int_mm_rescaled(q: torch.Tensor, weight_t: torch.Tensor, x_scale: torch.Tensor, w_scale: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``(q @ weight_t) * x_scale * w_scale`` in ``dtype``, the form a compiled graph traces. With AMX it is exactly
+    inductor's ``_int_mm -> convert -> mul -> mul`` pattern (fx_passes/quantization.py), which freezing lowers to
+    oneDNN's signed int8 GEMM. Without AMX that GEMM runs oneDNN's reference loop (``cpu_isa``), so the two scales
+    are multiplied first: the pattern no longer matches and ATen's ``_int_mm`` runs, the rescale fused after it."""
+    acc = torch._int_mm(q, weight_t).to(dtype)
+    if signed_activations():
+        return acc * x_scale.to(dtype) * w_scale.to(dtype)
+    return acc * (x_scale.to(dtype) * w_scale.to(dtype))

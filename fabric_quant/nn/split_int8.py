@@ -31,7 +31,7 @@ from __future__ import annotations
 import numpy
 import torch
 
-from fabric_quant.nn.onednn_linear import non_finite_ok, numpy_row, onednn_linear_available
+from fabric_quant.nn.onednn_linear import int_mm_rescaled, non_finite_ok, numpy_row, onednn_linear_available, qlinear
 
 MIN_OUT_FEATURES = 256
 """Below this many outputs oneDNN's int8 GEMM is slower than ATen's kernel by orders of magnitude (torch 2.13)."""
@@ -68,16 +68,14 @@ def split_codes(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def linear(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor | None
            ) -> torch.Tensor:
     """``rows @ (qweight * scales[:, None])^T`` in fp32. ``packed``: ``qlinear_prepack(qweight)`` (eager), or
-    None while compiling (inductor packs the constant weight itself)."""
+    None while compiling (inductor packs the constant weight itself where it lowers the product)."""
     if packed is not None and rows.shape[0] == 1:
         return _one_row(rows, packed, scales)
     q, s = split_codes(rows)
     if packed is None:
-        # exactly inductor's "_int_mm -> convert -> mul -> mul" int8 pattern (fx_passes/quantization.py)
-        out = torch._int_mm(q, qweight.t()).to(torch.float32) * s * scales
+        out = int_mm_rescaled(q, qweight.t(), s, scales)
     else:
-        out = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, scales, None, None, 1.0, 0, torch.float32,
-                                                 "none", [], "").mul_(s)  # fmt: skip
+        out = qlinear(q, 1.0, packed, scales, None, torch.float32).mul_(s)
     m = rows.shape[0]
     return out[:m] + out[m:]
 
@@ -92,6 +90,6 @@ def _one_row(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> 
         q1 = numpy.rint(x / s1)
         q2 = numpy.clip(numpy.rint((x - q1 * s1) / s2), -127, 127)
         q = torch.from_numpy(numpy.concatenate([q1, q2]).astype(numpy.int8))
-        out = torch.ops.onednn.qlinear_pointwise(q, 1.0, 0, packed, scales, None, None, 1.0, 0, torch.float32,
-                                                 "none", [], "").numpy()  # fmt: skip
+        out = qlinear(q, 1.0, packed, scales, None, torch.float32).numpy()
         return torch.from_numpy(out[:1] * s1 + out[1:] * s2)
+

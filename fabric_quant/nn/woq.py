@@ -356,8 +356,8 @@ class WOQLinear(QuantizedLinear, torch.nn.Module):
             out = F.linear(rows, self.dequantized_weight().to(x.dtype))
         else:
             raise ValueError(
-                f"path={path!r}. Valid choices: cpu-onednn, cpu-int8, cpu-int4, cpu-dequant, cuda-int8, cuda-int4,"
-                " reference"
+                f"path={path!r}. Valid choices: cpu-onednn, cpu-int8, cpu-int4, cpu-dequant, cuda-int8,"
+                " cuda-int4, reference"
             )
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
