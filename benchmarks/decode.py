@@ -37,6 +37,7 @@ import torch
 from jsonargparse import CLI
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peers import TORCHAO, torchao_compile, torchao_quantize
 from qlora_resources import LLAMA  # the Llama-3.2 shape constants, shared
 
 SHAPES = {"llama-1b": (*LLAMA["llama-1b"], 128256), "tiny": (128, 2, 4, 2, 256, 512)}  # + vocabulary
@@ -55,6 +56,11 @@ ARMS = {
                            "bf16 embedding (lookups)"),
     "ptq-dynamic-int8": (None, torch.float32, "ptq-dynamic-int8", {"ignore_modules": HEAD}, f"fp32 {TIED}"),
     "nf4-dq": ("nf4-dq", torch.bfloat16, None, {}, f"bf16 {TIED}"),
+    # torchao 0.18's CPU recipes (reference arms, benchmarks/peers.py), its compiled rows through plain
+    # torch.compile as its docs do; the head tied to the embedding stays bf16, as in the arms without +head
+    "torchao-int8wo": (None, torch.bfloat16, "torchao-int8wo", {}, f"bf16 {TIED}"),
+    "torchao-int4wo-g128": (None, torch.bfloat16, "torchao-int4wo-g128", {}, f"bf16 {TIED}"),
+    "torchao-int8dyn": (None, torch.float32, "torchao-int8dyn", {}, f"fp32 {TIED}"),
 }
 REFERENCE = "bf16"
 COLUMNS = ("arm", "compiled", "batch", "float_layers", "weights_mb", "bytes_per_param", "load_s", "prefill_ms",
@@ -86,7 +92,9 @@ def load_arm(arm: str, path: Path) -> torch.nn.Module:
 
     load_mode, dtype, mode, options, _ = ARMS[arm]
     model = fq.from_pretrained(path, load_mode, task="causal-lm", dtype=dtype, device="cpu", progress=False)
-    if mode is not None:
+    if arm in TORCHAO:
+        torchao_quantize(model, arm)
+    elif mode is not None:
         fq.quantize_(model, mode, **options)
     return model.eval()
 
@@ -192,7 +200,8 @@ def worker(arm: str, compiled: bool, model_dir: Path, batch_sizes: list[int], pr
               "bytes_per_param": fp.total_bytes / fp.numel, "load_s": load_s}  # fmt: skip
     load_peak = peak_rss_mb()
     reset = _reset_peak_rss()
-    forward = compile_model(model, autotune=autotune) if compiled else model
+    compiler = torchao_compile if arm in TORCHAO else lambda m: compile_model(m, autotune=autotune)
+    forward = compiler(model) if compiled else model
     reference = arm == REFERENCE and not compiled
     rows = []
     for batch in batch_sizes:

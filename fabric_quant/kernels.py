@@ -1,9 +1,9 @@
 """Which integer kernels this machine runs, chosen once, with a portable fallback.
 
 Backends:
-- ``x86``: oneDNN's int8 kernels (AMX-INT8 / AVX512-VNNI / AVX2), reached through maintained torch core ops
-  (``torch.ops.onednn.qconv_pointwise``, and ``torch._int_mm`` GEMMs that inductor lowers to
-  ``onednn.qlinear_pointwise`` under :func:`compile_model`).
+- ``x86``: oneDNN's int8 kernels (AMX-INT8 / AVX512-VNNI; which one and how: ``nn/cpu_isa.py``), reached
+  through maintained torch core ops (``torch.ops.onednn.qconv_pointwise``, and ``torch._int_mm`` GEMMs that
+  inductor lowers to ``onednn.qlinear_pointwise`` under :func:`compile_model`).
 - ``reference``: portable: ``torch._int_mm`` for Linear, float convolution on the dequantized int8 weight.
 
 Nothing here imports ``torch.ao.quantization``.
@@ -17,22 +17,19 @@ import shutil
 
 import torch
 
+from fabric_quant.kernel_report import KernelReport, report  # noqa: F401  (fq.kernels.report: the kernel per layer)
+from fabric_quant.nn.cpu_isa import cpu_features, int8_gemm  # noqa: F401  (cpu_features: public here)
+
 BACKENDS = ("auto", "x86", "reference")
-
-
-def cpu_features() -> dict[str, bool]:
-    """The CPU's int8-relevant features, as torch sees them."""
-    probes = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported", "vnni": "_is_vnni_supported",
-              "amx": "_is_amx_tile_supported", "avx512_bf16": "_is_avx512_bf16_supported"}  # fmt: skip
-    return {name: bool(getattr(torch.cpu, fn, lambda: False)()) for name, fn in probes.items()}
 
 
 @functools.cache
 def onednn_int8_available() -> bool:
-    """True when the oneDNN int8 convolution op exists and this is an x86 CPU it has kernels for."""
+    """True when the oneDNN int8 convolution op exists and this is an x86 CPU with exact kernels for it (VNNI or
+    AMX: without VNNI oneDNN halves the weights to keep int16 sums from saturating; ``nn/cpu_isa.py``)."""
     is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
     has_ops = hasattr(torch.ops.onednn, "qconv_pointwise") and hasattr(torch.ops.onednn, "qconv_prepack")
-    return is_x86 and has_ops and torch.backends.mkldnn.is_available() and cpu_features()["avx2"]
+    return is_x86 and has_ops and torch.backends.mkldnn.is_available() and int8_gemm() != "float"
 
 
 def select_backend(name: str = "auto") -> str:

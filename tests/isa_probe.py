@@ -34,6 +34,16 @@ def main(out: str) -> None:
         with torch.inference_mode():
             for rows, x in inputs.items():
                 tensors[f"{mode}/{rows}"] = q(x).float().contiguous()
+    # static int8: a small CNN (oneDNN's uint8 convolution) and its Linear head, calibrated on a few batches
+    torch.manual_seed(2)
+    cnn = torch.nn.Sequential(torch.nn.Conv2d(3, 32, 3, padding=1), torch.nn.BatchNorm2d(32), torch.nn.ReLU(),
+                              torch.nn.Conv2d(32, 64, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                              torch.nn.Linear(64 * 16 * 16, 256)).eval()  # fmt: skip
+    images = [torch.randn(4, 3, 16, 16) for _ in range(3)]
+    q = fq.quantize_(cnn, "ptq-static-int8", calibration_data=images)
+    kernels["ptq-static-int8"] = {n: list(ks) for n, ks in report(q, rows=(1,), dtype=torch.float32).kernels().items()}
+    with torch.inference_mode():
+        tensors["ptq-static-int8/4"] = q(images[0]).float().contiguous()
     save_file(tensors, out + ".safetensors")
     with open(out + ".json", "w") as f:
         json.dump({"encoding": activation_encoding()[0], "kernels": kernels}, f)

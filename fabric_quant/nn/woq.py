@@ -13,7 +13,7 @@ woq-int8    oneDNN's int8 GEMM on split activations      int8 weight cast to the
 woq-int4    ``torch._weight_int4pack_mm_for_cpu``        ``torch._weight_int4pack_mm`` (bf16 only)
 ==========  ===========================================  =============================================
 
-fp32 activations run the CPU kernels in bf16 where the CPU has native bf16 (:data:`FP32_VIA_BF16`).
+fp32 activations run the CPU kernels in bf16 (:data:`FP32_VIA_BF16`).
 Everything else (fp16 on CPU, other devices, shapes a kernel refuses: CPU int4 needs ``out_features % 16 == 0``
 and ``in_features % group_size == 0``; CPU int8 with bf16 activations ``in_features % 16 == 0``, other widths crash
 it) runs the reference path: ``F.linear`` on the dequantized weight, built for
@@ -48,7 +48,6 @@ import threading
 import torch
 import torch.nn.functional as F  # noqa: N812
 
-from fabric_quant.dtypes import cpu_supports_bf16
 from fabric_quant.nn import split_int8
 from fabric_quant.nn.base import QuantizedLinear, Storage, derived
 from fabric_quant.nn.onednn_linear import KernelCache
@@ -73,10 +72,13 @@ DEQUANT_CHUNK = 1 << 24
 one workspace per thread that is reused: a fresh 32 MB tensor per call costs more in page faults than the
 conversion itself (measured 12 ms against 3 ms for 16M int8 codes to bf16)."""
 _workspace = threading.local()
-FP32_VIA_BF16 = cpu_supports_bf16()
-"""On CPUs with native bf16, fp32 activations run the CPU kernels in bf16 (cast in, cast back): the kernels' fp32
-paths measured 9x (int8) and 27x (int4) slower than their bf16 ones on one 2048 x 8192 layer at batch 1
-(benchmarks/woq_layers.py), slower than the fp32 Linear itself. Set False for fp32 products."""
+FP32_VIA_BF16 = True
+"""fp32 activations run the CPU kernels in bf16 (cast in, cast back), on every CPU: the kernels' fp32 paths
+measured 9x (int8) and 27x (int4) slower than their bf16 ones on one 2048 x 8192 layer at batch 1 on Intel Xeon
+(benchmarks/woq_layers.py), slower than the fp32 Linear itself. Their bf16 paths convert in registers, so they need
+no native bf16: on AMD EPYC Zen 4 under ``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` (an AVX2-only CPU,
+ad hoc, 2 threads, batch 1) the int8 kernel took 1.2 ms in bf16 against 9.9 ms in fp32 and the fp32 Linear's 4.4 ms.
+One setting everywhere also gives every CPU the same activation rounding. Set False for fp32 products."""
 
 
 def _bf16_round_up(x: torch.Tensor) -> torch.Tensor:

@@ -47,7 +47,10 @@ class Recommendation:
     def markdown(self) -> str:
         columns = ["scheme", "metric", "drop", "latency_ms", "speedup", "size_mb", "within_tolerance"]
         rows = [{c: getattr(cand, c) for c in columns} for cand in self.candidates]
-        return f"{markdown_table(rows, columns)}\n\n**{self.best}**: {self.advice}\n"
+        from fabric_quant.kernel_report import machine
+
+        # the speed-ups hold for this CPU only: which int8 kernels exist differs by ISA (nn/cpu_isa.py)
+        return f"Measured on {machine()}.\n\n{markdown_table(rows, columns)}\n\n**{self.best}**: {self.advice}\n"
 
 
 def layer_profile(model: torch.nn.Module) -> dict[str, int]:
