@@ -74,22 +74,43 @@ def replace_linear_layers(model: torch.nn.Module, config: BnbConfig) -> torch.nn
     module moves to a device (``.to()``: on CUDA, on the GPU layer by layer), at its first forward, or by
     :func:`quantize_bnb`. A model that already has quantized layers is not converted again (QLoRA: quantize, wrap
     with peft, then ``fabric.setup_module`` must not quantize the adapters' own Linear layers); one quantized in
-    another mode is an error."""
+    another mode is an error. A Linear whose weight another module also holds (an output head tied to the input
+    embedding) stays float, as :func:`fabric_quant.from_pretrained` keeps it: quantizing it would untie the two."""
     if not refuse_requantization(model, config.mode, allowed={config.mode}):
         if not any(isinstance(m, torch.nn.Linear) for m in model.modules()):
             name = type(model).__name__
             raise TypeError(f"mode {config.mode!r} quantizes torch.nn.Linear layers, but {name} has none")
         ignore = check_ignore_modules(model, config.ignore_modules)
+        tied = _tied_linears(model, ignore)
         cls = config.layer_class()
-        replace_modules(
-            model, lambda name, child: type(child) is torch.nn.Linear and not is_ignored(name, ignore),
-            lambda name, child: _adopt(cls, child),
-        )  # fmt: skip
+
+        def select(name: str, child: torch.nn.Module) -> bool:
+            return type(child) is torch.nn.Linear and id(child) not in tied and not is_ignored(name, ignore)
+
+        replace_modules(model, select, lambda name, child: _adopt(cls, child))
     cast_float_rest(model, config.dtype)
     if not getattr(model, "_fq_cast_on_load", False):  # an assign=True load puts the checkpoint's dtype back
         model.register_load_state_dict_post_hook(lambda module, keys: cast_float_rest(module, config.dtype))
         model._fq_cast_on_load = True
     return model
+
+
+def _tied_linears(model: torch.nn.Module, ignore: frozenset[str]) -> set[int]:
+    """``id`` of every Linear whose weight is also held by a module that stays float (a tied output head: the
+    embedding; or an ignored Linear). Quantizing it would leave that module a float copy and the head a 4-bit one:
+    the tie broken, both copies kept, and results unlike the loader's, which keeps a tied head float."""
+    holders: dict[int, list[tuple[str, torch.nn.Module]]] = {}
+    for name, module in model.named_modules(remove_duplicate=False):
+        weight = module._parameters.get("weight")
+        if weight is not None:
+            holders.setdefault(id(weight), []).append((name, module))
+    tied = set()
+    for owners in holders.values():
+        if len({id(m) for _, m in owners}) < 2:
+            continue  # one module (under one or more names): nothing shares its weight
+        if any(type(m) is not torch.nn.Linear or is_ignored(name, ignore) for name, m in owners):
+            tied |= {id(m) for _, m in owners if type(m) is torch.nn.Linear}
+    return tied
 
 
 def _adopt(cls: type[torch.nn.Linear], child: torch.nn.Linear) -> torch.nn.Module:

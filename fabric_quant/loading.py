@@ -86,9 +86,11 @@ def from_pretrained(
             loads, e.g. ``fabric_quant.vocab_parallel.vocab_parallel_``; a module with a ``load_rows_`` method
             (there, the vocabulary-parallel embedding) then takes its own part of each tensor it owns.
         config_kwargs: config overrides, e.g. ``num_labels``, ``id2label``, ``label2id``.
-    The result equals quantizing the model loaded whole in ``dtype`` (same codes, same outputs); tied weights
-    are tied, buffers computed at construction (rotary tables) are kept, and weights missing from the checkpoint
-    (a new classification head) are initialised as transformers does, with a warning naming them.
+    The result equals quantizing the model loaded whole in ``dtype`` (``quantize_(model, mode, dtype=dtype,
+    ignore_modules=...)``: same codes, same outputs; ``quantize_`` keeps a tied head float too, so with tied
+    embeddings the head need not be named); tied weights are tied, buffers computed at construction (rotary
+    tables) are kept, and weights missing from the checkpoint (a new classification head) are initialised as
+    transformers does, with a warning naming them.
     """
     from accelerate import init_empty_weights
     from accelerate.utils import set_module_tensor_to_device

@@ -41,7 +41,8 @@ def check_ignore_modules(module: torch.nn.Module, ignore_modules: Iterable[str] 
     """Validate ``ignore_modules`` against the module's names: each entry matches a module's whole dotted name or a
     dotted prefix of it (``"encoder"`` covers ``encoder.layer.0.dense``); an entry matching nothing is an error."""
     ignore = ignore_set(ignore_modules)
-    names = [name for name, _ in module.named_modules() if name]
+    # every name, a shared submodule's second name included (named_modules() would list it under its first only)
+    names = [name for name, _ in module.named_modules(remove_duplicate=False) if name]
     unmatched = sorted(p for p in ignore if not any(_matches(name, p) for name in names))
     if unmatched:
         top = sorted({name.split(".")[0] for name in names})
@@ -68,16 +69,31 @@ def replace_modules(
 ) -> list[str]:
     """Replace every submodule ``select`` picks by ``build(name, child)``; returns the replaced names.
 
+    A submodule registered under several names (one Linear in two ``ModuleDict`` entries, or kept as an attribute
+    too) is one layer: it is built once and the same replacement is set under every name, so it stays shared and
+    is quantized once. ``named_modules()`` lists such a module under its first name only, which left the other
+    names holding the float original (a second, unquantized copy used by part of the forward). It is replaced
+    only when ``select`` picks it under every name (an ignored name keeps it float everywhere).
+
     Selection runs over the whole tree first, and every target's weight must be finite, so a failure leaves the
     module untouched.
     """
-    targets = [(name, child) for name, child in module.named_modules() if name and select(name, child)]
-    check_finite(module, [name for name, _ in targets])
-    for name, child in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, build(name, child))
-    return [name for name, _ in targets]
+    names: dict[int, list[str]] = {}
+    children: dict[int, torch.nn.Module] = {}
+    for name, child in module.named_modules(remove_duplicate=False):
+        if name:
+            names.setdefault(id(child), []).append(name)
+            children[id(child)] = child
+    targets = [(names[key], child) for key, child in children.items()
+               if all(select(name, child) for name in names[key])]  # fmt: skip
+    check_finite(module, [aliases[0] for aliases, _ in targets])
+    for aliases, child in targets:
+        new = build(aliases[0], child)
+        for name in aliases:
+            parent_name, _, attr = name.rpartition(".")
+            parent = module.get_submodule(parent_name) if parent_name else module
+            setattr(parent, attr, new)
+    return [name for aliases, _ in targets for name in aliases]
 
 
 def cast_float_rest(model: torch.nn.Module, dtype: torch.dtype) -> None:

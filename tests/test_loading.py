@@ -1,5 +1,7 @@
 """LLM-scale loading: quantize while streaming a checkpoint, and the layer fixes it needs (meta init, lazy loads)."""
 
+import json
+
 import pytest
 import torch
 from conftest import BNB_MODES, make_net, setup_quantized
@@ -94,6 +96,32 @@ def test_from_pretrained_equals_quantizing_the_loaded_model(mode, tie, tmp_path)
     ids = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         assert torch.equal(streamed(ids).logits, ref(ids).logits)
+
+
+@pytest.mark.parametrize("mode", ["nf4-dq", "int8"])
+def test_from_pretrained_equals_quantize_with_its_defaults_on_a_tied_model(mode, tmp_path):
+    """The loader's promise with nothing but the mode given: a tied output head stays float and tied on both paths
+    (quantize_ used to quantize it on its own, untying it from the embedding: other codes and other logits)."""
+    from transformers import AutoModelForCausalLM
+
+    path = _tiny_llama(tmp_path / "llama", tie=True, shard="70KB")
+    assert len(set(json.loads((path / "model.safetensors.index.json").read_text())["weight_map"].values())) == 3
+    streamed = from_pretrained(path, mode, device="cpu", progress=False)  # bf16 by default
+    ref = fq.quantize_(AutoModelForCausalLM.from_pretrained(path), mode, dtype=torch.bfloat16).eval()
+    for model in (streamed, ref):
+        assert type(model.lm_head) is torch.nn.Linear and model.lm_head.weight is model.model.embed_tokens.weight
+    a, b = streamed.state_dict(), ref.state_dict()
+    assert a.keys() == b.keys() and all(_bytes(a[k]) == _bytes(b[k]) for k in a)
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(streamed(ids).logits, ref(ids).logits)
+    # the Lightning plugin converts the same way
+    from lightning.fabric import Fabric
+
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=fq.precision_plugin(mode, dtype=torch.bfloat16))
+    wrapped = fabric.setup_module(AutoModelForCausalLM.from_pretrained(path)).module.eval()
+    assert wrapped.lm_head.weight is wrapped.model.embed_tokens.weight
+    assert all(_bytes(v) == _bytes(b[k]) for k, v in wrapped.state_dict().items())
 
 
 def test_from_pretrained_classification_head_is_new_and_named(tiny_bert_with_tokenizer):

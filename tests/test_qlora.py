@@ -397,6 +397,70 @@ def test_resume_refuses_another_run_before_writing_anything(tiny_bert_with_token
     assert _snapshot(out) == before  # config.yaml and the logs untouched
 
 
+def test_a_finished_run_resumed_with_other_settings_is_refused_unchanged(tiny_bert_with_tokenizer, cls_data,
+                                                                          tmp_path):  # fmt: skip
+    """A finished nf4-dq run resumed with --quantize null (or another mode) used to print "nothing to resume" and
+    exit 0, as if its metrics were the asked-for run's."""
+    out = tmp_path / "run"
+    run(tiny_bert_with_tokenizer, out, train_path=cls_data, max_steps=3, merge=False)
+    before = _snapshot(out)
+    for change, message in (({"quantize": None}, r"quantize: checkpoint 'nf4-dq', now None"),
+                            ({"quantize": "nf4"}, r"quantize: checkpoint 'nf4-dq', now 'nf4'"),
+                            ({"lr": 1e-3}, r"train.lr: checkpoint 0.005, now 0.001")):  # fmt: skip
+        with pytest.raises(ValueError, match=r"step-000003 belongs to a different run.*\n(.*\n)*.*" + message):
+            run(tiny_bert_with_tokenizer, out, train_path=cls_data, max_steps=3, merge=False, resume="auto", **change)
+        assert _snapshot(out) == before
+    shutil.rmtree(out / "checkpoints")  # without its checkpoints the finished run's metrics still name its mode
+    before = _snapshot(out)
+    with pytest.raises(ValueError, match=r"metrics.json belongs to a different run.*\n.*quantize: checkpoint 'nf4-dq'"):
+        run(tiny_bert_with_tokenizer, out, train_path=cls_data, max_steps=3, quantize=None, resume=True)
+    assert _snapshot(out) == before
+    same = run(tiny_bert_with_tokenizer, out, train_path=cls_data, max_steps=3, merge=False, resume="auto")
+    assert same["steps"] == 3 and _snapshot(out) == before  # the same run: its metrics, nothing touched
+
+
+def test_a_finite_divergence_shows_its_loss_values(tiny_bert_with_tokenizer, cls_data, tmp_path, capsys):
+    """lr 1e6 without clipping for 6 steps: where the loss stays finite the run ends, and its output and metrics
+    say the loss rose (it used to end with nothing but the last value); where a tensor goes non-finite it stops."""
+    out = tmp_path / "diverge"
+    try:
+        metrics = run(tiny_bert_with_tokenizer, out, train_path=cls_data, lr=1e6, max_grad_norm=None, merge=False)
+    except FloatingPointError:
+        assert not (out / "metrics.json").exists() and not (out / "final").exists()
+        for ckpt in (out / "checkpoints").glob("step-*"):
+            assert all(torch.isfinite(t).all() for t in load_file(ckpt / "trainable.safetensors").values())
+        return
+    printed = capsys.readouterr().out
+    assert metrics["diverged"] and metrics["final_train_loss"] > qlora.DIVERGED * metrics["first_train_loss"]
+    assert "the run diverged" in printed and f"{metrics['first_train_loss']:.6g} at the first step" in printed
+    assert f"{metrics['final_train_loss']:.6g} at step 6  DIVERGED" in printed
+    for ckpt in (out / "checkpoints").glob("step-*"):
+        assert all(torch.isfinite(t).all() for t in load_file(ckpt / "trainable.safetensors").values())
+
+
+@pytest.mark.parametrize(
+    ("precision", "lr", "message"),
+    [
+        ("16-true", 1e5, r"step 1: the optimizer step left \d+ trained tensors with non-finite values"),  # > fp16 max
+        ("32-true", 1e37, r"step 1: the validation loss is (nan|inf)"),  # finite weights whose products overflow
+    ],
+)
+def test_a_non_finite_update_or_evaluation_stops_the_run(tiny_bert_with_tokenizer, cls_data, tmp_path, precision,
+                                                         lr, message):  # fmt: skip
+    """The loss is checked before each update; an update that makes a weight (or the validation loss) non-finite
+    at the last step used to be saved as the final adapter, exit 0."""
+    out = tmp_path / "overflow"
+    train = TrainArgs(micro_batch_size=4, global_batch_size=8, max_steps=1, max_seq_length=32, lr=lr, warmup_steps=0,
+                      save_interval=1, max_grad_norm=None)  # fmt: skip
+    with pytest.raises(FloatingPointError, match=message):
+        qlora.setup(model=ModelArgs(path=tiny_bert_with_tokenizer), quantize=None, lora=LoRAArgs(r=4, dropout=0.0),
+                    data=DataArgs(train_path=cls_data, val_fraction=0.25), train=train, precision=precision,
+                    eval=EvalArgs(interval=None, initial=False), accelerator="cpu", out_dir=out, merge=False)
+    assert not (out / "metrics.json").exists() and not (out / "final").exists()
+    for ckpt in (out / "checkpoints").glob("step-*"):
+        assert all(torch.isfinite(t).all() for t in load_file(ckpt / "trainable.safetensors").values())
+
+
 def test_resume_checks_shapes_and_checksums(tiny_bert_with_tokenizer, cls_data, tmp_path):
     from fabric_quant.checkpoint import save_tensors, write_manifest
 
@@ -521,3 +585,68 @@ def test_generate_recipe_bad_input(tiny_llama_dir, tmp_path):
         generate.setup(model=model, prompt="x", max_new_tokens=0)
     with pytest.raises(FileNotFoundError, match="is not a PEFT adapter folder"):
         generate.setup(model=model, prompt="x", adapter=tmp_path)
+
+
+def _word_level_llama(path: Path, unk: str = "<unk>", in_vocab: bool = False, declare: bool = True) -> Path:
+    """A tiny Llama whose tokenizer is a `tokenizers` WordLevel vocabulary saved by transformers."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    words = ["<s>", "</s>", "<pad>", *([unk] if in_vocab else []), "Name", "the", "topic", ".", ":", "#"]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=unk))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>"}
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, **special, **({"unk_token": unk} if declare else {}))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(fast), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         bos_token_id=0, eos_token_id=1, pad_token_id=2)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def test_generate_recipe_takes_a_word_level_tokenizer_whose_unk_is_an_added_token(tmp_path, capsys):
+    """WordLevel(vocab, unk_token="<unk>") without "<unk>" in vocab, saved with unk_token="<unk>" (an added token):
+    transformers loads it, and every word outside the vocabulary (the Alpaca template's) used to raise "WordLevel
+    error: Missing [UNK] token from the vocabulary"; unknown words now encode as the declared "<unk>"."""
+    import generate
+    from transformers import AutoTokenizer
+
+    path = _word_level_llama(tmp_path / "wordlevel")
+    plain = AutoTokenizer.from_pretrained(path)
+    with pytest.raises(Exception, match="Missing \\[UNK\\] token"):
+        plain("Name the zebra", add_special_tokens=False)  # transformers' own tokenizer, as saved
+    tokenizer = fdata.load_tokenizer(path)
+    unk = tokenizer.unk_token_id
+    assert unk == plain.unk_token_id is not None
+    assert tokenizer("Name the zebra", add_special_tokens=False)["input_ids"] == [plain.convert_tokens_to_ids("Name"),
+                                                                                  plain.convert_tokens_to_ids("the"),
+                                                                                  unk]  # fmt: skip
+    for quantize in ("nf4-dq", None):
+        results = generate.setup(model=ModelArgs(path=path, task="causal-lm"), quantize=quantize,
+                                 prompt="Name the topic.", max_new_tokens=3, precision="32-true", accelerator="cpu")
+        assert results[0]["new_tokens"] == 3
+    # transformers' unk_token in the vocabulary, the model's another name: the model takes the declared one
+    other = _word_level_llama(tmp_path / "declared", unk="<unk>", in_vocab=True)
+    state = json.loads((other / "tokenizer.json").read_text())
+    state["model"]["unk_token"] = "[UNK]"
+    (other / "tokenizer.json").write_text(json.dumps(state))
+    tok = fdata.load_tokenizer(other)
+    assert tok("zebra", add_special_tokens=False)["input_ids"] == [tok.convert_tokens_to_ids("<unk>")]
+
+
+def test_an_unusable_tokenizer_is_refused_naming_its_file(tmp_path):
+    import generate
+
+    path = _word_level_llama(tmp_path / "no-unk", unk="[UNK]", declare=False)
+    state = json.loads((path / "tokenizer.json").read_text())
+    if "[UNK]" in {t["content"] for t in state["added_tokens"]}:
+        pytest.skip("this transformers adds the model's unk token itself")
+    model = ModelArgs(path=path, task="causal-lm")
+    message = r"no-unk/tokenizer.json: its WordLevel model encodes words outside its vocabulary as unk_token='\[UNK\]'"
+    with pytest.raises(ValueError, match=message):
+        generate.setup(model=model, prompt="Name the topic.", max_new_tokens=2, accelerator="cpu")
+    (path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"no-unk/tokenizer.json: transformers cannot load this tokenizer"):
+        generate.setup(model=model, prompt="Name the topic.", max_new_tokens=2, accelerator="cpu")

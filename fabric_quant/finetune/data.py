@@ -158,6 +158,51 @@ def encode_chat(records: list[dict], tokenizer, max_len: int, source: str = "dat
     return Dataset(examples)
 
 
+def load_tokenizer(path: Path):
+    """The tokenizer of a model folder as transformers loads it (``AutoTokenizer``), made able to encode any text.
+
+    A ``tokenizers`` model (WordLevel, WordPiece, BPE) maps a word outside its vocabulary to its ``unk_token``,
+    and fails on that word ("WordLevel error: Missing [UNK] token from the vocabulary") when the token is not in
+    its own vocabulary, e.g. ``WordLevel(vocab, unk_token="<unk>")`` without "<unk>" in ``vocab``, saved by
+    ``PreTrainedTokenizerFast(..., unk_token="<unk>")``, which adds "<unk>" as an added token: the tokenizer then
+    loads, and encodes in-vocabulary text, but any other word (the prompt template's) raises. The token the
+    tokenizer declares (the added "<unk>", or transformers' ``unk_token`` where that is in the vocabulary) becomes
+    the model's, so unknown words encode as that id, as the tokenizer declares. A tokenizer that transformers
+    cannot load, or whose unknown-word token exists nowhere, is refused with the file named."""
+    from transformers import AutoTokenizer
+
+    path = Path(path)
+    file = next((path / name for name in ("tokenizer.json", "tokenizer_config.json") if (path / name).is_file()), path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # transformers raises many kinds (OSError, ValueError, tokenizers' Exception)
+        raise ValueError(f"{file}: transformers cannot load this tokenizer: {type(err).__name__}: {err}") from err
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # None: a Python ("slow") tokenizer
+    if backend is None:
+        return tokenizer
+    from tokenizers import Tokenizer
+
+    state = json.loads(backend.to_str())
+    model = state.get("model") or {}
+    unk, vocab = model.get("unk_token"), model.get("vocab")
+    if not unk or not isinstance(vocab, dict) or unk in vocab:
+        return tokenizer  # no unknown-word token (byte-level BPE), a Unigram model, or a usable one
+    unk_id = backend.token_to_id(unk)  # an added token of that name
+    if unk_id is None and tokenizer.unk_token in vocab:
+        unk = tokenizer.unk_token
+    elif unk_id is not None:
+        vocab[unk] = unk_id
+    else:
+        raise ValueError(
+            f"{file}: its {model.get('type', 'tokenizer')} model encodes words outside its vocabulary as"
+            f" unk_token={unk!r}, which is neither in that vocabulary nor an added token, so any such word fails to"
+            f" encode; add {unk!r} to the vocabulary or set the model's unk_token to one of its tokens"
+        )
+    model["unk_token"] = unk
+    backend.model = Tokenizer.from_str(json.dumps(state)).model
+    return tokenizer
+
+
 def chat_ids(tokenizer, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
     """Token ids of ``messages`` through the tokenizer's chat template (transformers 5 returns a mapping)."""
     out = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
