@@ -79,6 +79,7 @@ def test_every_isa_runs_fast_kernels_with_the_same_results(tmp_path):
                 assert set(kernels) == {wanted}, (name, mode, layer, kernels)
         for key, value in outputs.items():
             # the integer products are exact everywhere; the float paths (no VNNI) and int4's float accumulation
-            # round in another order, bf16 rests round their outputs
-            tol = 2e-2 if "int4" in key or "bf16" in key else 1e-4 if name == "avx2" else 1e-5
+            # round in another order, bf16 rests round their outputs, woq-int8 without VNNI takes bf16 activations
+            bf16_rounded = "int4" in key or "bf16" in key or (name == "avx2" and key.startswith("woq"))
+            tol = 2e-2 if bf16_rounded else 1e-4 if name == "avx2" else 1e-5
             torch.testing.assert_close(value, native_out[key], rtol=tol, atol=tol, msg=lambda m, k=key: f"{k}: {m}")
