@@ -60,7 +60,8 @@ def check_autotune(compile: bool, autotune: bool) -> None:
 def _inference_config(autotune: bool):
     import torch._inductor.config as inductor_config
 
-    # freezing: constant-fold and prepack weights (the int8 GEMM lowering needs it). realize_opcount_threshold:
+    # freezing: constant-fold and prepack weights (the int8 GEMM lowering needs it; see _unmark_static_inputs for
+    # what it does to static-address inputs such as a KV cache). realize_opcount_threshold:
     # a per-token quantization reads the previous op's result twice (row absmax, then rounding); inductor stores
     # a twice-read result instead of recomputing it only when its expression has more ops than this (CPU default
     # 50; a bias + GELU + scaling needs <= 5 to be stored), so a GELU's erf runs once per element, not twice.
@@ -73,6 +74,40 @@ def _inference_config(autotune: bool):
     return inductor_config.patch(**options)
 
 
+def _unmark_static_inputs(objs, depth: int = 6) -> None:
+    """Drop the unguarded static-address mark (``torch._dynamo.mark_static_address(t)``) from the tensors reachable
+    from a call's arguments, so that under freezing dynamo lifts them as graph inputs instead of baking them in.
+
+    With inductor's freezing on (torch 2.13), dynamo installs every static input as a graph attribute. Those it
+    marks itself (parameters) are guarded by identity; one its caller marked with the default ``guard=False``
+    (transformers' ``StaticCache`` does, for each layer's keys, values and ``cumulative_length`` write position) is
+    guarded by shape and dtype only. ``generate`` builds a new cache per call: the next call with the same shapes
+    reuses the graph, which still reads and writes the first call's cache (wrong logits), and the stale write
+    position soon runs past the end (``index out of bounds: 0 <= tmpN < <max_cache_len>L``). Lifted as inputs, as
+    under plain ``torch.compile``, one graph serves every cache of the same shape. The mark only gives CUDA graphs
+    a fixed address; guarded marks (``guard=True``) are kept: they recompile for a new tensor, which is correct.
+    """
+    stack, seen = [(obj, depth) for obj in objs], set()
+    while stack:
+        obj, left = stack.pop()
+        if isinstance(obj, torch.Tensor):
+            if getattr(obj, "_dynamo_static_input_type", None) == "unguarded" and not isinstance(
+                obj, torch.nn.Parameter
+            ):
+                del obj._dynamo_static_input_type
+            continue
+        if left == 0 or id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, bool)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, dict):
+            stack.extend((v, left - 1) for v in obj.values())
+        elif isinstance(obj, (list, tuple)):
+            stack.extend((v, left - 1) for v in obj)
+        elif not isinstance(obj, (torch.nn.Module, type)) and isinstance(getattr(obj, "__dict__", None), dict):
+            # plain objects (a Cache, its layers); not modules: their tensors are parameters and buffers
+            stack.extend((v, left - 1) for v in vars(obj).values())
+
+
 def compile_model(model: torch.nn.Module, autotune: bool = False, **compile_kwargs) -> torch.nn.Module:
     """``torch.compile`` for inference with inductor's freezing passes on, which constant-fold the int8 weights,
     prepack them for oneDNN and lower the converted layers' ``_int_mm -> scale`` pattern to one int8 GEMM with the
@@ -81,6 +116,8 @@ def compile_model(model: torch.nn.Module, autotune: bool = False, **compile_kwar
     ``autotune=True`` also benchmarks inductor's C++ GEMM template against the library kernel for every GEMM shape
     and keeps the faster (``max-autotune`` restricted to the CPU backends): the fastest model at small batch, for a
     compilation several times longer (results are cached on disk for the next process).
+    Caches passed as arguments (transformers' ``StaticCache``, a new one per ``generate`` call) are graph inputs, not
+    frozen into the graph (:func:`_unmark_static_inputs`).
     Returns the compiled module; call it under ``torch.inference_mode()``."""
     if not isinstance(autotune, bool):
         raise TypeError(f"compile_model(autotune={autotune!r}): expected True or False")
@@ -103,6 +140,8 @@ def compile_model(model: torch.nn.Module, autotune: bool = False, **compile_kwar
     forward = compiled.forward
 
     def frozen_forward(*args, **kwargs):
+        # every call: a new StaticCache (one per generate call) is marked by its eager prefill, after compile_model
+        _unmark_static_inputs((args, kwargs))
         with _inference_config(autotune):  # read when the graph compiles (first call, recompiles)
             return forward(*args, **kwargs)
 
