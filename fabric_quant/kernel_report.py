@@ -7,7 +7,6 @@ the forward can never disagree.
 
 from __future__ import annotations
 
-import platform
 from dataclasses import dataclass, field
 
 import torch
@@ -22,8 +21,8 @@ WHY = {
     "float": "float matmul on the dequantized weight (weight-only, per-group scales, or too small to gain)",
     "onednn-qconv": "oneDNN uint8 x int8 convolution, bias / ReLU / requantization fused",
     "cpu-onednn": "oneDNN int8 GEMM on activations split into two int8 terms (~16-bit activations)",
-    "cpu-int8": "ATen torch._weight_int8pack_mm (bf16 activations where the CPU has native bf16)",
-    "cpu-int4": "ATen torch._weight_int4pack_mm_for_cpu (bf16 activations where the CPU has native bf16)",
+    "cpu-int8": "ATen torch._weight_int8pack_mm (fp32 activations cast to bf16: nn/woq.py FP32_VIA_BF16)",
+    "cpu-int4": "ATen torch._weight_int4pack_mm_for_cpu (fp32 activations cast to bf16: FP32_VIA_BF16)",
     "cpu-dequant": "weight dequantized for the call + one float GEMM (many rows: a prefill, a large batch)",
     "cuda-int8": "int8 weight cast in the matmul, scale on the output",
     "cuda-int4": "ATen torch._weight_int4pack_mm (tinygemm)",
@@ -39,12 +38,9 @@ WHY = {
 
 def machine() -> str:
     """The CPU model and what its int8 kernels can use, in one line."""
-    name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), name)
-    except OSError:
-        pass
+    from fabric_quant.report import machine_name  # lazily: fabric_quant.kernels imports this module
+
+    name = machine_name()
     features = ", ".join(k for k, v in cpu_features().items() if v) or "none"
     encoding, why = activation_encoding()
     cap = onednn_isa_cap() or "none"

@@ -12,13 +12,12 @@ Nothing here imports ``torch.ao.quantization``.
 from __future__ import annotations
 
 import functools
-import platform
 import shutil
 
 import torch
 
 from fabric_quant.kernel_report import KernelReport, report  # noqa: F401  (fq.kernels.report: the kernel per layer)
-from fabric_quant.nn.cpu_isa import cpu_features, int8_gemm  # noqa: F401  (cpu_features: public here)
+from fabric_quant.nn.cpu_isa import cpu_features, int8_gemm, is_x86  # noqa: F401  (cpu_features: public here)
 
 BACKENDS = ("auto", "x86", "reference")
 
@@ -27,9 +26,8 @@ BACKENDS = ("auto", "x86", "reference")
 def onednn_int8_available() -> bool:
     """True when the oneDNN int8 convolution op exists and this is an x86 CPU with exact kernels for it (VNNI or
     AMX: without VNNI oneDNN halves the weights to keep int16 sums from saturating; ``nn/cpu_isa.py``)."""
-    is_x86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
     has_ops = hasattr(torch.ops.onednn, "qconv_pointwise") and hasattr(torch.ops.onednn, "qconv_prepack")
-    return is_x86 and has_ops and torch.backends.mkldnn.is_available() and int8_gemm() != "float"
+    return is_x86() and has_ops and torch.backends.mkldnn.is_available() and int8_gemm() != "float"
 
 
 def select_backend(name: str = "auto") -> str:

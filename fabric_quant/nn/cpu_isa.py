@@ -65,8 +65,8 @@ def int8_gemm() -> str:
 
 
 def signed_activations() -> bool:
-    """Whether oneDNN's int8 GEMM takes signed int8 activations at speed here (AMX, not capped away). Elsewhere
-    the codes go in as uint8 with zero point 128 (:func:`kernel_codes`)."""
+    """Whether oneDNN's int8 GEMM takes signed int8 activations at speed here (AMX, not capped away). With VNNI
+    the codes go in as uint8 with zero point 128 (:func:`kernel_codes`); without, no int8 GEMM runs."""
     return int8_gemm() == "onednn-s8"
 
 
