@@ -500,11 +500,11 @@ def test_compiled_onednn_int8_lowers_to_one_int8_gemm_per_layer(onednn_everywher
         with torch.profiler.profile() as prof:
             out = compiled(x)
     counts = {e.key: e.count for e in prof.key_averages()}
-    # with AMX freezing lowers the product to oneDNN's signed int8 GEMM; elsewhere that GEMM is oneDNN's reference
-    # loop, so the pattern is left unmatched and ATen's torch._int_mm runs (nn/cpu_isa.py)
-    gemm = "onednn::qlinear_pointwise" if signed_activations() else "aten::_int_mm"
-    other = "aten::_int_mm" if signed_activations() else "onednn::qlinear_pointwise"
-    assert counts.get(gemm) == 2 and other not in counts and "aten::_weight_int8pack_mm" not in counts
+    # with AMX freezing lowers the traced product to oneDNN's signed int8 GEMM; elsewhere that would be oneDNN's
+    # reference loop, so the graph calls the eager uint8 kernel as one op (fabric_quant::split_int8_linear)
+    assert counts.get("onednn::qlinear_pointwise") == 2, counts
+    assert "aten::_int_mm" not in counts and "aten::_weight_int8pack_mm" not in counts
+    assert (counts.get("fabric_quant::split_int8_linear") == 2) == (not signed_activations())
     assert rel_err(out, eager) < 1e-5
 
 

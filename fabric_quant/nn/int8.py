@@ -26,7 +26,9 @@ from fabric_quant.nn.base import QuantizedLinear, Storage, derived
 from fabric_quant.nn.cpu_isa import int8_gemm
 from fabric_quant.nn.onednn_linear import (
     KernelCache,
+    compiled_uint8_kernel,
     dynamic_int8_linear,
+    dynamic_int8_op,
     int_mm_rescaled,
     onednn_linear_available,
     packed_weight,
@@ -42,6 +44,11 @@ from fabric_quant.numerics.quant import (
 )
 
 ACTIVATIONS = ("dynamic", "static", "none")
+
+
+@torch.compiler.assume_constant_result  # fixed per process: dynamo need not trace the cached ISA probe
+def _no_int8_gemm() -> bool:
+    return int8_gemm() == "float"
 
 
 @dataclass(frozen=True)
@@ -198,7 +205,7 @@ class Int8Linear(_Int8Weight, torch.nn.Module):
         rows = x.numel() // self.in_features
         if rows * self.in_features * self.out_features < SMALL_MATMUL:
             return False  # same numbers (up to float rounding) from a float matmul on the dequantized weight
-        if x.device.type == "cpu" and int8_gemm() == "float":
+        if x.device.type == "cpu" and _no_int8_gemm():
             return False  # no VNNI: every int8 GEMM torch reaches saturates its int16 sums (nn/cpu_isa.py)
         # CUDA's torch._int_mm takes K and N in multiples of 8 and M > 16 rows; the CPU kernel takes any shape
         return x.device.type == "cpu" or (self.in_features % 8 == 0 and self.out_features % 8 == 0 and rows > 16)
@@ -217,6 +224,11 @@ class Int8Linear(_Int8Weight, torch.nn.Module):
             and not self._kernel.get("failed")
             and onednn_linear_available()
         )
+
+    def _compiled_op(self, rows: torch.Tensor) -> bool:
+        # while dynamo traces, without AMX: the eager uint8 kernel as one op (onednn_linear.compiled_uint8_kernel)
+        return (torch.compiler.is_compiling() and self.eager_kernel and rows.device.type == "cpu"
+                and compiled_uint8_kernel())  # fmt: skip
 
     def kernel(self, x: torch.Tensor) -> str:
         """Which kernel an input ``x`` runs (``fabric_quant.kernels.report`` lists them): ``onednn-s8`` /
@@ -264,6 +276,9 @@ class Int8Linear(_Int8Weight, torch.nn.Module):
                 return dynamic_int8_linear(rows, packed, w_scale, self.bias, dtype, self.relu)
             except RuntimeError:  # a shape or build the kernel refuses: the reference below, from now on
                 self._kernel["failed"] = True
+        elif self._compiled_op(rows):
+            w_scale = self.weight_scale.detach().float().expand(self.out_features)
+            return dynamic_int8_op(rows, self.int8_weight(), w_scale, self.bias, dtype, self.relu)
         scale = per_token_scale(rows)
         q = torch.clamp(torch.round(rows.float() * (1.0 / scale)), -127, 127).to(torch.int8)  # as fake_quant
         out = int_mm_rescaled(q, self.qweight_t, scale, self.weight_scale, dtype)

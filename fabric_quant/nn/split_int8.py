@@ -31,7 +31,15 @@ from __future__ import annotations
 import numpy
 import torch
 
-from fabric_quant.nn.onednn_linear import int_mm_rescaled, non_finite_ok, numpy_row, onednn_linear_available, qlinear
+from fabric_quant.nn.onednn_linear import (
+    compiled_uint8_kernel,
+    int_mm_rescaled,
+    non_finite_ok,
+    numpy_row,
+    onednn_linear_available,
+    packed_on,
+    qlinear,
+)
 
 MIN_OUT_FEATURES = 256
 """Below this many outputs oneDNN's int8 GEMM is slower than ATen's kernel by orders of magnitude (torch 2.13)."""
@@ -43,12 +51,12 @@ _AVAILABLE = onednn_linear_available()  # read once: dynamo cannot trace torch.b
 
 
 def suits(in_features: int, out_features: int) -> bool:
-    """Whether a CPU ``woq-int8`` layer of this shape runs the split int8 GEMM. Under ``torch.compile`` only with
-    inductor's freezing on (``compile_model``): without it ``torch._int_mm`` would run as it is, slower than ATen's
-    weight-only kernel."""
+    """Whether a CPU ``woq-int8`` layer of this shape runs the split int8 GEMM. Under ``torch.compile`` it is
+    :func:`linear_op` where activations go in as uint8 (no AMX); with AMX only with inductor's freezing on
+    (``compile_model``): without it ``torch._int_mm`` would run as it is, slower than ATen's weight-only kernel."""
     if out_features < MIN_OUT_FEATURES or in_features * out_features < MIN_WEIGHTS or not _AVAILABLE:
         return False
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() and not compiled_uint8_kernel():
         import torch._inductor.config as inductor_config
 
         return bool(inductor_config.freezing)
@@ -93,3 +101,15 @@ def _one_row(rows: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor) -> 
         out = qlinear(q, 1.0, packed, scales, None, torch.float32).numpy()
         return torch.from_numpy(out[:1] * s1 + out[1:] * s2)
 
+
+
+@torch.library.custom_op("fabric_quant::split_int8_linear", mutates_args=())
+def linear_op(rows: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """:func:`linear` with the weight packed on first use, as one op: what compiled graphs call without AMX
+    (``onednn_linear.compiled_uint8_kernel``)."""
+    return linear(rows.contiguous(), qweight, scales, packed_on(qweight))
+
+
+@linear_op.register_fake
+def _(rows, qweight, scales):
+    return rows.new_empty(rows.shape[0], qweight.shape[0], dtype=torch.float32)

@@ -336,9 +336,13 @@ class WOQLinear(QuantizedLinear, torch.nn.Module):
         if path.startswith("cpu") and path != "cpu-onednn" and x.dtype == torch.float32 and FP32_VIA_BF16:
             rows, x = rows.to(torch.bfloat16), x.to(torch.bfloat16)
         if path == "cpu-onednn":  # fp32 arithmetic throughout: no bf16 rounding of the activations
-            packed = None if torch.compiler.is_compiling() else self._cached(("onednn",), self._onednn_layout)
             scales = self._cached(("s", torch.float32), lambda: self.scales.float())
-            out = split_int8.linear(rows, self.qweight, scales, packed)
+            if not torch.compiler.is_compiling():
+                out = split_int8.linear(rows, self.qweight, scales, self._cached(("onednn",), self._onednn_layout))
+            elif split_int8.compiled_uint8_kernel():
+                out = split_int8.linear_op(rows, self.qweight, scales)
+            else:  # inductor packs the constant weight itself where it lowers the traced product
+                out = split_int8.linear(rows, self.qweight, scales, None)
         elif path == "cpu-int8":
             scales = self._cached(("s", x.dtype), lambda: self.scales.to(x.dtype))
             out = torch._weight_int8pack_mm(rows.contiguous(), self.qweight, scales)
