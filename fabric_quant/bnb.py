@@ -94,7 +94,10 @@ def replace_linear_layers(model: torch.nn.Module, config: BnbConfig) -> torch.nn
     if not refuse_requantization(model, config.mode, allowed={config.mode}):
         if not any(isinstance(m, torch.nn.Linear) for m in model.modules()):
             name = type(model).__name__
-            raise TypeError(f"mode {config.mode!r} quantizes torch.nn.Linear layers, but {name} has none")
+            # "your model has no Linear": the phrase Lightning's plugin raises (and its tests match)
+            raise TypeError(
+                f"mode {config.mode!r} quantizes torch.nn.Linear layers, but your model has no Linear layers ({name})"
+            )
         ignore = check_ignore_modules(model, config.ignore_modules)
         tied = _tied_linears(model, ignore)
         cls = config.layer_class()
