@@ -20,7 +20,6 @@ from fabric_quant.woq_export import export_woq, load_woq
 
 _PLUGINS = {
     "BnbPrecision": "fabric_quant.plugins.bnb",
-    "BnbFSDPPrecision": "fabric_quant.plugins.bnb_fsdp",
     "QATPrecision": "fabric_quant.plugins.qat",
     "PTQPrecision": "fabric_quant.plugins.ptq",
     "WOQPrecision": "fabric_quant.plugins.woq",
@@ -37,7 +36,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "BnbFSDPPrecision",
     "BnbPrecision",
     "Footprint",
     "PTQPrecision",

@@ -6,8 +6,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -36,14 +36,22 @@ class BnbConfig:
         mode: one of ``fabric_quant.available_modes("bitsandbytes")``.
         dtype: compute dtype for activations and non-quantized parameters.
         ignore_modules: name prefixes of submodules whose Linear layers stay in float.
-        quant_storage: 4-bit modes: the dtype the packed data is stored as (FSDP needs it equal to the other
-            parameters' dtype so that it can flatten and shard them together).
+        quant_storage: 4-bit modes: the dtype the packed data is stored as (default uint8; a float dtype keeps the
+            same bytes in a float container).
+        options: the mode's scheme parameters from the registry (``kind``: ``"int8"`` or ``"4bit"``, quant type,
+            double quantization, ...), looked up once by :meth:`create`.
     """
 
     mode: str
     dtype: torch.dtype
     ignore_modules: frozenset[str]
     quant_storage: torch.dtype
+    options: Mapping[str, Any] = field(default_factory=dict, compare=False)  # a function of `mode`
+
+    @property
+    def kind(self) -> str:
+        """``"int8"`` or ``"4bit"``: the layer family of the mode."""
+        return self.options["kind"]
 
     @classmethod
     def create(
@@ -54,18 +62,25 @@ class BnbConfig:
         quant_storage: torch.dtype | str | None = None,
     ) -> BnbConfig:
         """Validate the options (defaults: the hardware's native compute dtype, uint8 storage)."""
-        mode = mode_spec(mode, family=FAMILY).name
-        dtype = default_compute_dtype() if dtype is None else parse_dtype(dtype, what=f"dtype for mode {mode!r}")
-        return cls(mode, dtype, ignore_set(ignore_modules), _parse_quant_storage(quant_storage, mode))
+        spec = mode_spec(mode, family=FAMILY)
+        dtype = default_compute_dtype() if dtype is None else parse_dtype(dtype, what=f"dtype for mode {spec.name!r}")
+        storage = _parse_quant_storage(quant_storage, spec.name, spec.options["kind"])
+        return cls(spec.name, dtype, ignore_set(ignore_modules), storage, spec.options)
 
     def layer_class(self) -> type[torch.nn.Linear]:
         from fabric_quant.nn.bnb import layer_class
 
-        options = dict(mode_spec(self.mode).options)
-        if options["kind"] == "4bit":
+        options = dict(self.options)
+        if self.kind == "4bit":
             options["compute_dtype"] = self.dtype
             options["quant_storage"] = self.quant_storage
         return layer_class(self.mode, **options)
+
+
+def mode_kind(mode: str) -> str:
+    """``"int8"`` or ``"4bit"`` for a bitsandbytes mode name (the registry's ``kind``); an unknown name raises
+    ``ValueError`` listing the valid ones."""
+    return mode_spec(mode, family=FAMILY).options["kind"]
 
 
 def replace_linear_layers(model: torch.nn.Module, config: BnbConfig) -> torch.nn.Module:
@@ -79,7 +94,10 @@ def replace_linear_layers(model: torch.nn.Module, config: BnbConfig) -> torch.nn
     if not refuse_requantization(model, config.mode, allowed={config.mode}):
         if not any(isinstance(m, torch.nn.Linear) for m in model.modules()):
             name = type(model).__name__
-            raise TypeError(f"mode {config.mode!r} quantizes torch.nn.Linear layers, but {name} has none")
+            # "your model has no Linear": the phrase Lightning's plugin raises (and its tests match)
+            raise TypeError(
+                f"mode {config.mode!r} quantizes torch.nn.Linear layers, but your model has no Linear layers ({name})"
+            )
         ignore = check_ignore_modules(model, config.ignore_modules)
         tied = _tied_linears(model, ignore)
         cls = config.layer_class()
@@ -88,11 +106,24 @@ def replace_linear_layers(model: torch.nn.Module, config: BnbConfig) -> torch.nn
             return type(child) is torch.nn.Linear and id(child) not in tied and not is_ignored(name, ignore)
 
         replace_modules(model, select, lambda name, child: _adopt(cls, child))
+    _set_compute_dtype(model, config.dtype)
     cast_float_rest(model, config.dtype)
     if not getattr(model, "_fq_cast_on_load", False):  # an assign=True load puts the checkpoint's dtype back
         model.register_load_state_dict_post_hook(lambda module, keys: cast_float_rest(module, config.dtype))
         model._fq_cast_on_load = True
     return model
+
+
+def _set_compute_dtype(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    """The compute dtype of 4-bit layers built earlier (under ``fabric.init_module()``, or by a plugin whose
+    ``dtype`` was changed since): as Lightning's plugin does, the dtype of this conversion wins, and bitsandbytes
+    re-reads the input dtype at the next forward."""
+    from fabric_quant.nn.bnb import Linear4bit
+
+    for module in model.modules():
+        if isinstance(module, Linear4bit):
+            module.compute_dtype = dtype
+            module.compute_type_is_set = False
 
 
 def _tied_linears(model: torch.nn.Module, ignore: frozenset[str]) -> set[int]:
@@ -148,13 +179,13 @@ def quantize_bnb(
     return model if device is None else model.to(device)
 
 
-def _parse_quant_storage(value: torch.dtype | str | None, mode: str) -> torch.dtype:
+def _parse_quant_storage(value: torch.dtype | str | None, mode: str, kind: str) -> torch.dtype:
     if value is None:
         return torch.uint8
     dtype = getattr(torch, value.removeprefix("torch."), None) if isinstance(value, str) else value
     if dtype not in QUANT_STORAGE:
         raise ValueError(f"Unsupported quant_storage {value!r}. Valid choices: {', '.join(map(str, QUANT_STORAGE))}")
-    if mode.startswith("int8") and dtype is not torch.uint8:
+    if kind == "int8" and dtype is not torch.uint8:
         raise ValueError(f"quant_storage applies to the 4-bit modes; mode {mode!r} stores int8 weights")
     return dtype
 

@@ -29,6 +29,7 @@ from lightning.fabric import Fabric
 from tqdm import tqdm
 
 import fabric_quant as fq
+from fabric_quant.bnb import mode_kind
 from fabric_quant.checkpoint import atomic_write_bytes, save_dir_atomically
 from fabric_quant.dtypes import parse_dtype
 from fabric_quant.finetune import data as fdata
@@ -222,8 +223,8 @@ def _validate(quantize, strategy: str, fsdp: FSDPArgs, accelerator: str, model: 
     if "fsdp" in strategy and strategy != "fsdp":
         raise ValueError(f"strategy={strategy!r}: FSDP runs as strategy='fsdp' (FSDP2, every 4-bit mode)")
     if strategy == "fsdp":
-        if quantize is not None and quantize.startswith("int8"):
-            four_bit = [m for m in fq.available_modes("bitsandbytes") if not m.startswith("int8")]
+        if quantize is not None and mode_kind(quantize) == "int8":
+            four_bit = [m for m in fq.available_modes("bitsandbytes") if mode_kind(m) == "4bit"]
             raise ValueError(f"strategy='fsdp' with quantize={quantize!r}: only the 4-bit modes can be sharded"
                              f" ({', '.join(four_bit)}); use strategy='ddp' for int8")  # fmt: skip
         if fsdp.cpu_offload and accelerator == "cpu":

@@ -3,9 +3,10 @@ import torch
 from lightning.fabric import Fabric
 
 import fabric_quant as fq
+from fabric_quant.bnb import mode_kind
 
 BNB_MODES = fq.available_modes("bitsandbytes")
-FOUR_BIT = [m for m in BNB_MODES if not m.startswith("int8")]
+FOUR_BIT = [m for m in BNB_MODES if mode_kind(m) == "4bit"]
 
 
 class Net(torch.nn.Module):

@@ -143,14 +143,25 @@ def test_quant_storage_is_validated():
         fq.BnbPrecision("int8", quant_storage=torch.bfloat16)
 
 
-def test_fsdp_plugin_quantizes_into_the_compute_dtype_storage():
-    from fabric_quant.plugins.bnb_fsdp import BnbFSDPPrecision
+def test_fsdp1_plugin_is_refused_naming_the_fsdp2_path():
+    """Fabric's FSDP strategy (FSDP1) would need the packed bytes in bf16 storage, where bitsandbytes #1945 rewrites
+    NaN bit patterns: the plugin for it is refused, pointing to FSDP2 with uint8 storage."""
+    with pytest.raises(ValueError, match=r"precision_plugin\('nf4-dq', fsdp=True\).*#1945.*fabric_quant\.fsdp"):
+        fq.precision_plugin("nf4-dq", fsdp=True)
+    assert isinstance(fq.precision_plugin("nf4-dq", fsdp=False), fq.BnbPrecision)
+    assert not hasattr(fq, "BnbFSDPPrecision")
 
-    plugin = BnbFSDPPrecision("nf4-dq", precision="bf16-true")
-    net = plugin.convert_module(make_net()).to("cpu")  # FSDP itself needs CUDA; conversion does not
-    assert net.fc1.weight.dtype is torch.bfloat16 and net.fc1.is_quantized() and net.norm.weight.dtype is torch.bfloat16
-    with pytest.raises(ValueError, match=r"Unsupported precision 'bf16-mixed' for FSDP \+ bitsandbytes"):
-        BnbFSDPPrecision("nf4-dq", precision="bf16-mixed")
+
+def test_float_storage_is_refused_by_the_sharding_path():
+    """The packed bytes of a bf16-stored layer include bf16 NaN patterns (about 0.1 % of byte pairs), the
+    reason FSDP must not shard them as floats; fabric_quant.fsdp refuses that storage before sharding."""
+    from fabric_quant.fsdp import check_shardable
+
+    _, model = setup_quantized("nf4-dq", dtype=torch.bfloat16, quant_storage="bfloat16")
+    packed = model.fc1.weight.data.view(torch.int16)
+    assert bool(torch.isnan(packed.view(torch.bfloat16)).any())  # what NaN canonicalization would rewrite
+    with pytest.raises(ValueError, match=r"layer '_forward_module.fc1' stores its packed weight as torch.bfloat16"):
+        check_shardable(model)
 
 
 def _flip_byte(path, offset_from_end: int = 100) -> None:

@@ -83,17 +83,6 @@ def test_qlora_recipe_on_gpu(tiny_bert_with_tokenizer, tmp_path):
     assert (tmp_path / "run" / "final" / "merged" / "config.json").is_file()
 
 
-def test_fsdp_single_gpu_with_4bit_base():
-    from fabric_quant.plugins.bnb_fsdp import BnbFSDPPrecision
-
-    fabric = Fabric(accelerator="cuda", devices=1, strategy="fsdp", plugins=BnbFSDPPrecision("nf4-dq"))
-    fabric.launch()
-    model = fabric.setup_module(make_net())
-    x = torch.randn(4, 512, device="cuda", requires_grad=True)
-    fabric.backward(model(x).float().sum())
-    assert x.grad is not None and torch.isfinite(x.grad).all()
-
-
 @pytest.mark.parametrize("rows", [4, 32])
 def test_dynamic_int8_linear_on_the_gpu_any_batch(rows):
     # CUDA's torch._int_mm needs > 16 rows: fewer take the float reference path, with the same numbers

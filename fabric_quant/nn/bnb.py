@@ -334,6 +334,11 @@ class Linear8bit(_LoadMixin, bnb.nn.Linear8bitLt, QuantizedLinear):
         if self.weight.device.type != "meta":
             self.quantize_()
 
+    @property
+    def storage_keys(self) -> tuple[str, ...]:
+        # int8-training's weight is a float one: cast with the model's other float tensors to the compute dtype
+        return () if self.state.has_fp16_weights else ("weight",)
+
     def is_quantized(self) -> bool:
         return self.state.has_fp16_weights or self.weight.dtype == torch.int8
 
@@ -346,10 +351,17 @@ class Linear8bit(_LoadMixin, bnb.nn.Linear8bitLt, QuantizedLinear):
         if device is None:
             raise RuntimeError("Cannot quantize a weight on the meta device; load a checkpoint into the layer first.")
         fp16_weights = self.state.has_fp16_weights
-        params = bnb.nn.Int8Params(
-            weight.detach().to(device), requires_grad=fp16_weights, has_fp16_weights=fp16_weights
-        )
-        self._set_weight(params if fp16_weights else params._quantize(device))
+        if fp16_weights:
+            # int8-training keeps a float weight: the layer's own dtype and trainability, not the source's (a fp32
+            # checkpoint loaded into a bf16 model whose client froze every weight but the adapters')
+            current = self.weight
+            dtype = current.dtype if current.is_floating_point() else weight.dtype
+            weight = weight.detach().to(device=device, dtype=dtype)
+            params = bnb.nn.Int8Params(weight, requires_grad=current.requires_grad, has_fp16_weights=True)
+            self._set_weight(params)
+            return
+        params = bnb.nn.Int8Params(weight.detach().to(device), requires_grad=False, has_fp16_weights=False)
+        self._set_weight(params._quantize(device))
 
     def _set_weight(self, params: torch.nn.Parameter) -> None:
         # bitsandbytes moves CB/SCB from the parameter into `self.state` at the first forward; clear the stale
@@ -371,10 +383,13 @@ class Linear8bit(_LoadMixin, bnb.nn.Linear8bitLt, QuantizedLinear):
             self.init_8bit_state()
         self.state.is_training = True
         bias = self.bias.to(x.dtype) if self.bias is not None else None
-        out = bnb.matmul(x, self.weight, bias=bias, state=self.state)
+        # MatMul8bitFp's backward handles 2-D inputs only (`A.t()` for the weight gradient, `sum(0)` for the bias
+        # gradient): the leading (batch, sequence) dimensions are folded into rows around it
+        rows = x.reshape(-1, x.shape[-1]) if x.dim() != 2 else x
+        out = bnb.matmul(rows, self.weight, bias=bias, state=self.state)
         if not self.state.has_fp16_weights:
             self.weight.data = self.state.CB
-        return out
+        return out.reshape(*x.shape[:-1], out.shape[-1]) if x.dim() != 2 else out
 
     def statistics_finite(self) -> bool:
         """Whether the weight is finite: a NaN/inf in a row makes that row's scale (SCB) non-finite."""
