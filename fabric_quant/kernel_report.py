@@ -27,7 +27,7 @@ WHY = {
     "cuda-int8": "int8 weight cast in the matmul, scale on the output",
     "cuda-int4": "ATen torch._weight_int4pack_mm (tinygemm)",
     "reference": "F.linear on the dequantized weight (no kernel takes this shape / dtype / device)",
-    "bnb-gemv-4bit": "bitsandbytes' fused 4-bit CPU kernel (its bundled C++ gemv, bf16; offline: not the hub's)",
+    "bnb-gemv-4bit": "bitsandbytes' fused 4-bit CPU kernel (bundled, AVX512-BF16, bf16) on a derived copy (eval)",
     "bnb-dequant": "bitsandbytes dequantizes the 4-bit weight, then a float matmul",
     "portable-dequant": "4-bit weight dequantized by the package (bitsandbytes' CPU kernel misplaces this shape)",
     "bnb-int8-fp": "bitsandbytes MatMul8bitFp: int8 row-wise weight dequantized into a float matmul",

@@ -8,6 +8,7 @@ checkpoints, and dequantization for export. Importing this module imports bitsan
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 from typing import Any
@@ -15,11 +16,13 @@ from typing import Any
 import torch
 
 from fabric_quant._bnb import import_bitsandbytes
+from fabric_quant.nn import split_int8
 from fabric_quant.nn.base import QuantizedLinear, Storage, local
 from fabric_quant.nn.four_bit_matmul import PIECE_ELEMENTS, PiecewiseMatMul4bit, dequantize, rows_per_piece
+from fabric_quant.nn.onednn_linear import KernelCache
 
 bnb = import_bitsandbytes()
-from bitsandbytes.functional import dequantize_4bit  # noqa: E402
+from bitsandbytes.functional import _convert_weight_packed_for_cpu, dequantize_4bit, has_avx512bf16  # noqa: E402
 from bitsandbytes.nn.modules import fix_4bit_weight_quant_state_from_module  # noqa: E402
 
 
@@ -130,6 +133,26 @@ class _LoadMixin:
     def _load_weight(self, state_dict: dict, prefix: str, error_msgs: list[str]) -> bool:
         raise NotImplementedError
 
+    def _kernel_cache(self) -> KernelCache:
+        """Derived copies of the weight that the CPU inference kernels read (never saved, copied or trained on)."""
+        cache = self.__dict__.get("_fq_kernels")
+        if cache is None:
+            cache = self.__dict__["_fq_kernels"] = KernelCache()
+        return cache
+
+    def _inference_only(self, x: torch.Tensor) -> bool:
+        # eval mode without autograd: where the derived copies are built (training keeps the one canonical copy)
+        return not self.training and not (torch.is_grad_enabled() and x.requires_grad)
+
+    def train(self, mode: bool = True):
+        if mode:  # the derived copies cost memory; training never reads them
+            self._kernel_cache().clear()
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        self._kernel_cache().clear()  # built for one device and the old tensors
+        return super()._apply(fn, *args, **kwargs)
+
     def _float_dtype(self) -> torch.dtype:
         return getattr(self, "compute_dtype", None) or torch.get_default_dtype()
 
@@ -173,6 +196,13 @@ class _LoadMixin:
 
 class Linear4bit(_LoadMixin, bnb.nn.Linear4bit, QuantizedLinear):
     """4-bit (NF4 / FP4, optionally double-quantized) Linear that works on CPU and CUDA."""
+
+    cpu_gemv: bool = True
+    """CPU inference (eval mode, no autograd, bf16 compute dtype: the default on the CPUs it runs on, those with
+    AVX512-BF16): bitsandbytes' fused 4-bit kernel, on a derived copy of the codes in its blocked layout with bf16
+    block constants (0.53 byte per weight more while in eval mode; dropped by ``train()``). Otherwise each call
+    dequantizes the whole weight for a float matmul, several times slower than the fp32 Linear
+    (``benchmarks/cpu_matrix.py``). False (on the class or one layer): no copy."""
 
     def __init__(
         self,
@@ -233,10 +263,41 @@ class Linear4bit(_LoadMixin, bnb.nn.Linear4bit, QuantizedLinear):
         # `fabric.setup_module(..., move_to_device=False)` skips the move that quantizes converted layers.
         if not self.is_quantized():
             self.quantize_(device=x.device)
+        if self._cpu_gemv_ok(x):
+            return self._cpu_gemv(x)
         big = torch.is_grad_enabled() and x.requires_grad and self.in_features * self.out_features > PIECE_ELEMENTS
         if big or self._misplaced_by_cpu_kernel(x.device):
             return self._forward_in_pieces(x)
         return super().forward(x)
+
+    def kernel(self, x: torch.Tensor) -> str:
+        """``bnb-gemv-4bit`` (bitsandbytes' AVX512-BF16 CPU kernel on a derived copy), ``portable-dequant`` or
+        ``bnb-dequant`` (the weight dequantized, then a float matmul)."""
+        if self._cpu_gemv_ok(x):
+            return "bnb-gemv-4bit"
+        return "portable-dequant" if self._misplaced_by_cpu_kernel(x.device) else "bnb-dequant"
+
+    def _cpu_gemv_ok(self, x: torch.Tensor) -> bool:
+        return (
+            x.device.type == "cpu" and self.cpu_gemv and self.compute_dtype == torch.bfloat16
+            and self._inference_only(x) and not torch.compiler.is_compiling()
+            and isinstance(self.weight, bnb.nn.Params4bit) and self.out_features % 32 == 0
+            and self.in_features % self.weight.blocksize == 0 and _avx512_bf16()
+        )  # fmt: skip
+
+    def _cpu_gemv(self, x: torch.Tensor) -> torch.Tensor:
+        """bitsandbytes' fused CPU kernel (bf16 activations) on its blocked layout of the codes, built once beside
+        the canonical weight: the layout is an exact permutation of the codes, but bitsandbytes rounds the block
+        constants to bf16 (double quantization undone), so converting the weight itself in place, as its own
+        Linear4bit does, would change what is saved and trained on."""
+        cache, state = self._kernel_cache(), self.weight.quant_state
+        key = (self.weight.data.data_ptr(), state.absmax.data_ptr())
+        if cache.get("gemv_key") != key:
+            cache["gemv"] = _convert_weight_packed_for_cpu(self.weight.data, copy.copy(state))  # mutates the state
+            cache["gemv_key"] = key
+        packed, gemv_state = cache["gemv"]
+        bias = None if self.bias is None else self.bias.to(torch.bfloat16)
+        return bnb.matmul_4bit(x.to(torch.bfloat16), packed, quant_state=gemv_state, bias=bias).to(x.dtype)
 
     def _misplaced_by_cpu_kernel(self, device: torch.device) -> bool:
         """bitsandbytes' CPU dequantization misplaces the blocks of an even row length that is not a multiple of
@@ -373,6 +434,8 @@ class Linear8bit(_LoadMixin, bnb.nn.Linear8bitLt, QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.is_quantized():
             self.quantize_(device=x.device)
+        if self._split_int8_ok(x):
+            return self._split_int8(x)
         if x.device.type != "cpu":
             return super().forward(x)
         # On CPU, bitsandbytes' LLM.int8() inference path (MatMul8bitLt) quantizes activations row-wise with no fast
@@ -390,6 +453,37 @@ class Linear8bit(_LoadMixin, bnb.nn.Linear8bitLt, QuantizedLinear):
         if not self.state.has_fp16_weights:
             self.weight.data = self.state.CB
         return out.reshape(*x.shape[:-1], out.shape[-1]) if x.dim() != 2 else out
+
+    def kernel(self, x: torch.Tensor) -> str:
+        """``cpu-onednn`` (oneDNN's int8 GEMM on split activations, inference on CPUs with VNNI or AMX),
+        ``bnb-int8-fp`` (bitsandbytes' CPU path: the weight dequantized into a float matmul) or ``bnb-int8``."""
+        if self._split_int8_ok(x):
+            return "cpu-onednn"
+        return "bnb-int8-fp" if x.device.type == "cpu" else "bnb-int8"
+
+    def _split_int8_ok(self, x: torch.Tensor) -> bool:
+        # int8 weights only (int8-training's are float); not while dynamo traces (the packed copy is eager state)
+        return (
+            x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and self._inference_only(x)
+            and not self.state.has_fp16_weights and self.weight.dtype == torch.int8
+            and not torch.compiler.is_compiling() and split_int8.suits(self.in_features, self.out_features)
+        )  # fmt: skip
+
+    def _split_int8(self, x: torch.Tensor) -> torch.Tensor:
+        """The weight-only int8 product on oneDNN's int8 GEMM (fabric_quant.nn.split_int8: activations split into
+        two int8 terms, about 16 bits, fp32 arithmetic), with bitsandbytes' exact fp32 row scales ``SCB / 127``;
+        bitsandbytes' CPU path dequantizes the whole weight every call instead (0.17x the fp32 Linear on a
+        4096-wide MLP at batch 1). The packed copy (1 byte per weight) is built once in eval mode."""
+        cache, codes, scb = self._kernel_cache(), self.weight.data, self._scb()
+        key = (codes.data_ptr(), scb.data_ptr())
+        if cache.get("onednn_key") != key:
+            cache["onednn"] = (torch.ops.onednn.qlinear_prepack(codes, None), scb.float() / 127.0)
+            cache["onednn_key"] = key
+        packed, scales = cache["onednn"]
+        out = split_int8.linear(x.reshape(-1, self.in_features), codes, scales, packed)
+        if self.bias is not None:
+            out = out + self.bias.float()
+        return out.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 
     def statistics_finite(self) -> bool:
         """Whether the weight is finite: a NaN/inf in a row makes that row's scale (SCB) non-finite."""
@@ -430,6 +524,11 @@ class Linear8bit(_LoadMixin, bnb.nn.Linear8bitLt, QuantizedLinear):
         weight, scb = weight.to(device), scb.to(device)
         self._set_weight(bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False, CB=weight, SCB=scb))
         return True
+
+
+@functools.cache
+def _avx512_bf16() -> bool:
+    return bool(has_avx512bf16())
 
 
 @functools.cache
