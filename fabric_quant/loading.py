@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fabric_quant.dtypes import parse_dtype
 from fabric_quant.memory import release_freed_memory
 from fabric_quant.modules import cast_float_rest, transformer_blocks
 from fabric_quant.nn.base import QuantizedLinear
+from fabric_quant.options import parse_dtype
 
 TASKS = ("causal-lm", "sequence-classification")
 

@@ -7,13 +7,6 @@ from collections.abc import Callable, Iterable
 import torch
 
 
-def check_flags(**flags: object) -> None:
-    """Boolean options must be booleans: a CLI's 'false' is a truthy string, so it is refused, not guessed."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name}={value!r} must be True or False")
-
-
 def check_finite(model: torch.nn.Module, names: Iterable[str]) -> None:
     """Refuse to quantize a layer whose weight holds NaN or inf: one such value spoils its whole block (NF4/FP4:
     64 weights; nf4-dq: the whole layer through the shared double-quantized scales) or row (int8)."""

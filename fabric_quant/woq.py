@@ -15,11 +15,9 @@ from typing import Any
 
 import torch
 
-from fabric_quant.dtypes import parse_dtype
 from fabric_quant.modules import (
     cast_float_rest,
     check_finite,
-    check_flags,
     check_ignore_modules,
     is_ignored,
     refuse_requantization,
@@ -27,6 +25,7 @@ from fabric_quant.modules import (
 from fabric_quant.nn.int8 import Int8Config, Int8Embedding
 from fabric_quant.nn.woq import GROUP_SIZES, SCALE_SEARCHES, WOQLinear
 from fabric_quant.numerics import gptq
+from fabric_quant.options import check_flags, parse_dtype
 from fabric_quant.registry import mode_spec, register_mode
 
 FAMILY = "woq"

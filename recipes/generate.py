@@ -25,11 +25,11 @@ import torch
 from jsonargparse import CLI
 
 import fabric_quant as fq
-from fabric_quant.dtypes import parse_dtype
-from fabric_quant.finetune.args import ModelArgs, check_range
+from fabric_quant.finetune.args import ModelArgs
 from fabric_quant.finetune.data import chat_ids, load_tokenizer, read_jsonl
 from fabric_quant.finetune.generation import alpaca_prompt, generate
 from fabric_quant.finetune.model import load_model
+from fabric_quant.options import check_range, parse_dtype
 from fabric_quant.report import peak_memory_mb
 
 
