@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from fabric_quant.checkpoint import load_tensors, save_tensors
-from fabric_quant.modules import embedding_modules, transformer_blocks
+from fabric_quant.hf import embedding_modules, transformer_blocks
 from fabric_quant.nn.base import local, quantized_layers, set_whole, whole
 from fabric_quant.nn.bnb import Linear4bit
 

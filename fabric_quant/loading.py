@@ -13,8 +13,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from fabric_quant.hf import output_heads, transformer_blocks
 from fabric_quant.memory import release_freed_memory
-from fabric_quant.modules import cast_float_rest, transformer_blocks
+from fabric_quant.modules import cast_float_rest
 from fabric_quant.nn.base import QuantizedLinear
 from fabric_quant.options import parse_dtype
 
@@ -44,17 +45,6 @@ def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             # would keep every page the load has read resident until the shard ends (up to a shard's size)
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 yield key, f.get_tensor(key)
-
-
-def output_heads(model: torch.nn.Module, task: str) -> list[str]:
-    """Names of the output head(s), which stay float by default: a 4-bit head costs accuracy, and peft's
-    modules_to_save needs a float classifier."""
-    if task == "sequence-classification":
-        from peft.utils.constants import SEQ_CLS_HEAD_NAMES
-
-        return [name for name in SEQ_CLS_HEAD_NAMES if getattr(model, name, None) is not None]
-    out = model.get_output_embeddings()
-    return [name for name, module in model.named_modules() if module is out][:1]
 
 
 def from_pretrained(

@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from fabric_quant.calibration import call_model
+from fabric_quant.hf import output_heads
 from fabric_quant.modules import (
     cast_float_rest,
     check_finite,
@@ -100,17 +102,11 @@ class WOQConfig:
                 "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch.")}  # fmt: skip
 
 
-def output_head_names(model: torch.nn.Module) -> list[str]:
-    """The output head's module name(s) of a transformers model (``get_output_embeddings``); none otherwise."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [name for name, module in model.named_modules() if head is not None and module is head][:1]
-
-
 def woq_targets(model: torch.nn.Module, config: WOQConfig) -> tuple[list[str], list[str]]:
     """Names of the Linear layers and the Embedding tables ``config`` quantizes."""
     ignore = set(check_ignore_modules(model, config.ignore_modules))
     if not config.include_lm_head:
-        ignore |= set(output_head_names(model))
+        ignore |= set(output_heads(model))
     linears, embeddings = [], []
     for name, child in model.named_modules():
         if not name or is_ignored(name, ignore):
@@ -146,8 +142,6 @@ def quantize_woq(
     hessians: dict[str, torch.Tensor] = {}
     passes = [linears]
     if batches is not None:
-        from fabric_quant.ptq.static import call_model  # the PTQ batch convention: tensor, tuple or mapping
-
         passes = gptq.hessian_passes({n: model.get_submodule(n).in_features for n in linears})
     for names in passes:
         if batches is not None:  # the inputs of this pass's layers, the earlier passes' layers already quantized

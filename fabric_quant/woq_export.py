@@ -23,9 +23,10 @@ from typing import Any
 import torch
 
 from fabric_quant.checkpoint import load_tensors, read_metadata, save_dir_atomically, save_quantized
+from fabric_quant.hf import output_heads
 from fabric_quant.nn.base import quantized_layers
 from fabric_quant.nn.woq import WOQLinear
-from fabric_quant.woq import WOQConfig, _int8_embedding, output_head_names, quantize_woq, refuse_gptq, woq_targets
+from fabric_quant.woq import WOQConfig, _int8_embedding, quantize_woq, refuse_gptq, woq_targets
 
 WOQ_FILE = "woq.json"
 FORMAT = "fabric_quant.woq/1"
@@ -147,7 +148,7 @@ def build_woq(hf_config, config: WOQConfig, tensors: Iterable[tuple[str, torch.T
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=config.dtype)
     linears, embeddings = woq_targets(model, config)
-    heads, embed = output_head_names(model), model.get_input_embeddings()
+    heads, embed = output_heads(model), model.get_input_embeddings()
     embed_name = next(name for name, module in model.named_modules() if module is embed)
     tied = bool(getattr(hf_config, "tie_word_embeddings", False)) and bool(heads)
     split = tied and (heads[0] in linears or embed_name in embeddings)

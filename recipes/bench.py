@@ -34,11 +34,11 @@ from lightning.fabric import Fabric
 from tqdm import tqdm
 
 import fabric_quant as fq
+from fabric_quant.calibration import call_model
 from fabric_quant.finetune.loop import fit_classifier
 from fabric_quant.kernels import can_compile, check_autotune, compile_model, cpu_features, select_backend
 from fabric_quant.models import digits_cnn, digits_data, sentence_embeddings
 from fabric_quant.options import check_range
-from fabric_quant.ptq import call_model
 from fabric_quant.report import bar_panels, check_plotting, machine_name, measure_latencies, write_report
 
 BASELINES = ("fp32", "bf16")

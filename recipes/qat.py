@@ -26,11 +26,11 @@ from lightning.fabric import Fabric
 from safetensors.torch import save_file
 
 import fabric_quant as fq
+from fabric_quant.calibration import call_model
 from fabric_quant.finetune.loop import fit_classifier
 from fabric_quant.kernels import check_autotune, compile_model
 from fabric_quant.models import digits_cnn, digits_data
 from fabric_quant.options import check_range
-from fabric_quant.ptq import call_model
 from fabric_quant.qat import QATConfig, qat_config
 from fabric_quant.report import bar_panels, check_plotting, machine_name, measure_latencies, write_report
 

@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fabric_quant.calibration import call_model
 from fabric_quant.footprint import footprint
 from fabric_quant.kernels import can_compile, compile_model
 from fabric_quant.nn.rnn import RNN_TYPES
 from fabric_quant.ptq.dynamic import quantize_dynamic
-from fabric_quant.ptq.static import call_model, quantize_static
+from fabric_quant.ptq.static import quantize_static
 from fabric_quant.report import markdown_table, measure_latencies
 
 
