@@ -40,7 +40,8 @@ def quantize_static(
     """Return an int8 copy of ``model`` (Linear, Conv1d/2d; BatchNorm folded) with calibrated activation scales.
 
     Args:
-        calibration_data: batches of model inputs (see :func:`fabric_quant.calibration.call_model`); a few hundred samples usually do.
+        calibration_data: batches of model inputs (see :func:`fabric_quant.calibration.call_model`); a few
+            hundred samples usually do.
         mode: the ``qat`` scheme whose observers are calibrated (default ``qat-int8-static``; a dynamic-activation
             mode calibrates nothing and quantizes its weights only: the PTQ control of a QAT run).
         observer: ``minmax``, ``moving_average``, ``percentile`` (99.99 %) or ``mse`` (error-minimising clip).
