@@ -1,7 +1,8 @@
-"""Module surgery shared by the plugin families: find, validate and replace layers by name."""
+"""Module surgery shared by the families: find, validate and replace layers by name; unwrap Fabric's wrapper."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
@@ -83,10 +84,32 @@ def replace_modules(
     for aliases, child in targets:
         new = build(aliases[0], child)
         for name in aliases:
-            parent_name, _, attr = name.rpartition(".")
-            parent = module.get_submodule(parent_name) if parent_name else module
-            setattr(parent, attr, new)
+            set_module(module, name, new)
     return [name for aliases, _ in targets for name in aliases]
+
+
+def set_module(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Put ``module`` under ``root`` at the dotted ``name`` (an attribute, a ``ModuleDict`` key, a ``Sequential``
+    index): the one place layers are swapped by name, whichever walk chose them."""
+    parent_name, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside Fabric's wrapper (``fabric.setup(model)`` returns one, compiled or not): its ``.module``,
+    whose parameter and state-dict names are the model's own. Anything else is returned as it is: a peft or a
+    compiled model keeps its names (``base_model.model.``, ``_orig_mod.``), which its checkpoints record."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile around the wrapper
+    return inner.module if _fabric_wrapped(inner) else model
+
+
+def _fabric_wrapped(model: torch.nn.Module) -> bool:
+    # A wrapper exists only once Lightning is imported: looked up, never imported (the library needs no Lightning).
+    for name in ("lightning.fabric.wrappers", "lightning_fabric.wrappers"):
+        wrappers = sys.modules.get(name)
+        if wrappers is not None and wrappers.is_wrapped(model):
+            return True
+    return False
 
 
 def cast_float_rest(model: torch.nn.Module, dtype: torch.dtype) -> None:

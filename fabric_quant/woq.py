@@ -23,6 +23,7 @@ from fabric_quant.modules import (
     check_ignore_modules,
     is_ignored,
     refuse_requantization,
+    set_module,
 )
 from fabric_quant.nn.int8 import Int8Config, Int8Embedding
 from fabric_quant.nn.woq import GROUP_SIZES, SCALE_SEARCHES, WOQLinear
@@ -148,10 +149,11 @@ def quantize_woq(
             hessians = gptq.collect_hessians(model, names, batches, call_model, progress)
         for name in names:
             hessian = hessians.pop(name, None)  # released once its layer is quantized
-            _replace(model, name, lambda child, h=hessian: WOQLinear.from_float(child, config.bits, config.group_size,
-                                                                                config.scale_search, device, h))
+            linear = model.get_submodule(name)
+            set_module(model, name, WOQLinear.from_float(linear, config.bits, config.group_size, config.scale_search,
+                                                         device, hessian))  # fmt: skip
     for name in embeddings:
-        _replace(model, name, lambda child: _int8_embedding(child, device))
+        set_module(model, name, _int8_embedding(model.get_submodule(name), device))
     if config.dtype is not None:
         cast_float_rest(model, config.dtype)
     return model
@@ -181,12 +183,6 @@ def _check_calibration(config: WOQConfig, calibration_data) -> list | None:
     if not batches:
         raise ValueError("calibration_data is empty: scale_search='gptq' needs at least one batch of inputs")
     return batches
-
-
-def _replace(model: torch.nn.Module, name: str, build) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, build(getattr(parent, attr)))
 
 
 def _int8_embedding(emb: torch.nn.Embedding, device: torch.device | str | None) -> Int8Embedding:

@@ -24,6 +24,7 @@ import torch
 
 from fabric_quant.checkpoint import load_tensors, read_metadata, save_dir_atomically, save_quantized
 from fabric_quant.hf import output_heads
+from fabric_quant.modules import set_module
 from fabric_quant.nn.base import quantized_layers
 from fabric_quant.nn.woq import WOQLinear
 from fabric_quant.woq import WOQConfig, _int8_embedding, quantize_woq, refuse_gptq, woq_targets
@@ -185,8 +186,7 @@ def _place(model, name: str, attr: str, tensor: torch.Tensor, config: WOQConfig,
             new.bias = bias  # still to come from the checkpoint
     else:
         new = _int8_embedding(module, None)
-    parent_name, _, attr_name = name.rpartition(".")
-    setattr(model.get_submodule(parent_name) if parent_name else model, attr_name, new)
+    set_module(model, name, new)
 
 
 def _with_cpu_bias(linear: torch.nn.Linear) -> torch.nn.Linear:
