@@ -11,12 +11,13 @@ from fabric_quant import bnb as _bnb_family  # noqa: F401  (registers the bitsan
 from fabric_quant import woq as _woq_family  # noqa: F401  (registers woq-int8 / woq-int4)
 from fabric_quant.api import convert, quantize_
 from fabric_quant.checkpoint import dequantized_state_dict, load_quantized, save_dequantized, save_quantized
+from fabric_quant.finetune.export import export_woq
 from fabric_quant.footprint import Footprint, footprint
 from fabric_quant.loading import from_pretrained
 from fabric_quant.ptq import quantize_dynamic, quantize_static, recommend
 from fabric_quant.qat import apply_schedule
 from fabric_quant.registry import available_modes, mode_spec, precision_plugin, register_mode, unregister_mode
-from fabric_quant.woq_export import export_woq, load_woq
+from fabric_quant.woq.folder import load_woq
 
 _PLUGINS = {
     "BnbPrecision": "fabric_quant.plugins.bnb",

@@ -153,7 +153,7 @@ def quantize_woq(
             set_module(model, name, WOQLinear.from_float(linear, config.bits, config.group_size, config.scale_search,
                                                          device, hessian))  # fmt: skip
     for name in embeddings:
-        set_module(model, name, _int8_embedding(model.get_submodule(name), device))
+        set_module(model, name, int8_embedding(model.get_submodule(name), device))
     if config.dtype is not None:
         cast_float_rest(model, config.dtype)
     return model
@@ -185,7 +185,7 @@ def _check_calibration(config: WOQConfig, calibration_data) -> list | None:
     return batches
 
 
-def _int8_embedding(emb: torch.nn.Embedding, device: torch.device | str | None) -> Int8Embedding:
+def int8_embedding(emb: torch.nn.Embedding, device: torch.device | str | None) -> Int8Embedding:
     new = Int8Embedding.from_float(emb, Int8Config(bits=8, activations="none"))
     new.fq_mode = EMBEDDING_MODE
     new.out_dtype = emb.weight.dtype  # lookups return what the float table returned
