@@ -71,10 +71,10 @@ def from_pretrained(
         device: where the model lives (default: CUDA when available, else CPU).
         ignore_modules: Linear layers kept in float; default: the output head (``lm_head`` / the classifier).
         on_block_loaded: called with each transformer block as soon as all its tensors are loaded: e.g.
-            ``fabric_quant.fsdp.shard_on_load(mesh)``, so that a rank never holds the whole model.
+            ``fabric_quant.distributed.fsdp.shard_on_load(mesh)``, so that a rank never holds the whole model.
         on_model_built: called with the model on the meta device (its Linear layers replaced) before any tensor
-            loads, e.g. ``fabric_quant.vocab_parallel.vocab_parallel_``; a module with a ``load_rows_`` method
-            (there, the vocabulary-parallel embedding) then takes its own part of each tensor it owns.
+            loads, e.g. ``fabric_quant.distributed.vocab_parallel.vocab_parallel_``; a module with a ``load_rows_``
+            method (there, the vocabulary-parallel embedding) then takes its own part of each tensor it owns.
         config_kwargs: config overrides, e.g. ``num_labels``, ``id2label``, ``label2id``.
     The result equals quantizing the model loaded whole in ``dtype`` (``quantize_(model, mode, dtype=dtype,
     ignore_modules=...)``: same codes, same outputs; ``quantize_`` keeps a tied head float too, so with tied
