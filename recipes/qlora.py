@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import fabric_quant as fq
 from fabric_quant.checkpoint import atomic_write_bytes, save_dir_atomically
+from fabric_quant.demo.models import minilm_path
 from fabric_quant.distributed.fsdp import gathered_root, shard_model, shard_on_load, sync_gradients
 from fabric_quant.distributed.vocab_parallel import vocab_parallel_
 from fabric_quant.finetune import data as fdata
@@ -51,7 +52,6 @@ from fabric_quant.finetune.state import (
 )
 from fabric_quant.loading import checkpoint_files
 from fabric_quant.memory import fix_mmap_threshold, mmap_threshold_for
-from fabric_quant.models import minilm_path
 from fabric_quant.nn.base import set_whole
 from fabric_quant.options import check_range, parse_dtype
 from fabric_quant.report import peak_memory_mb

@@ -29,7 +29,7 @@ def llama_dir(tmp_path):
 
 @pytest.fixture
 def inst_data(tmp_path):
-    from fabric_quant.data import topic_paragraphs
+    from fabric_quant.demo.data import topic_paragraphs
 
     records = [{"instruction": f"Name the topic of paragraph {i}.", "input": text[:40], "output": topic}
                for i, (topic, text) in enumerate(topic_paragraphs()[:40])]  # fmt: skip
