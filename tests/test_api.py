@@ -47,6 +47,45 @@ def test_library_never_imports_the_plugin_layer():
     assert "fabric_quant.plugins" not in out
 
 
+# The package's layers, bottom up (docs/architecture.md): a module imports from its own layer and those below only.
+LAYERS = [
+    ("foundation", ["_bnb", "options", "memory", "registry"]),
+    ("numerics", ["numerics"]),
+    ("nn", ["nn"]),
+    ("model tools", ["modules", "hf", "calibration", "checkpoint", "footprint", "kernels", "kernel_report", "report"]),
+    ("families", ["bnb", "qat", "ptq", "woq"]),
+    ("entry points", ["api", "loading"]),
+    ("distributed", ["distributed"]),
+    ("demo", ["demo"]),
+    ("finetune", ["finetune"]),
+    ("plugins", ["plugins"]),
+]
+RANK = {top: rank for rank, (_, tops) in enumerate(LAYERS) for top in tops}
+
+
+def _top(dotted: str) -> str:
+    """The package's top-level module or folder a dotted name lies in (``fabric_quant.woq.folder`` -> ``woq``)."""
+    return dotted.split(".")[1]
+
+
+def test_no_module_imports_from_a_higher_layer():
+    offenders, unplaced = {}, []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts == ("__init__",):
+            continue  # the package root re-exports every layer
+        top = parts[0]
+        if top not in RANK:
+            unplaced.append(top)
+            continue
+        ours = {name for name in _imports(path) if name.startswith("fabric_quant.")}
+        up = {name for name in ours if RANK.get(_top(name), -1) > RANK[top]}
+        if up:
+            offenders[str(path.relative_to(PACKAGE))] = sorted(up)
+    assert unplaced == []  # a new module or folder is given its layer in LAYERS (and in docs/architecture.md)
+    assert offenders == {}
+
+
 def _bytes(model: torch.nn.Module) -> dict[str, bytes]:
     """Every tensor of the state dict as raw bytes (packed data viewed as float may hold NaN patterns)."""
     return {k: v.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
