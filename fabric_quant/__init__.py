@@ -1,8 +1,10 @@
 """fabric-quant: quantization for PyTorch and Lightning (Fabric and the Trainer) that runs on CPU and CUDA.
 
-Layers, bottom up: ``numerics`` (integer grids, fake quantization, observers) -> ``nn`` (real quantized modules)
--> the families' library functions (``bnb``, ``qat``, ``ptq``), which register their modes -> ``quantize_`` /
-``convert`` -> ``plugins`` (thin Lightning adapters, imported only when a plugin is asked for).
+Layers, bottom up (docs/architecture.md): ``options`` / ``registry`` -> ``numerics`` (integer grids, fake
+quantization, observers) -> ``nn`` (real quantized modules) -> model tools (``modules``, ``hf``, ``checkpoint``...)
+-> the families' library functions (``bnb``, ``qat``, ``ptq``, ``woq``), which register their modes ->
+``quantize_`` / ``convert`` / ``from_pretrained`` -> ``distributed``, ``demo``, ``finetune`` -> ``plugins`` (thin
+Lightning adapters, imported only when a plugin is asked for).
 """
 
 # first: _bnb installs its log filters on import, before anything below imports bitsandbytes (it logs then)
