@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from fabric_quant.checkpoint import _tensors, load_tensors, save_tensors
-from fabric_quant.models import minilm_path
+from fabric_quant.demo.models import minilm_path
 from fabric_quant.report import machine_name
 
 

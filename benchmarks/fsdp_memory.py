@@ -7,11 +7,12 @@ Writes benchmarks/results/fsdp_memory.{md,csv,png}.
 
 Per rank, as the recipe shards (docs/fsdp.md): packed base blocks / N (4 bits per weight + one 8-bit block constant
 per 64 weights + one fp32 per 256 of those: nf4-dq = 4.127 bits); the bf16 embedding and head / N (split by
-vocabulary rows, fabric_quant.vocab_parallel); replicated: LoRA parameters with their gradients and AdamW's two
-states; and the working set: two gathered layers (the largest: the one computing and the one prefetched, packed,
-each held up to three times while gathering), activations with gradient checkpointing (each block's bf16 input
-kept, one block recomputed at a time), and the chunked loss (256 tokens x vocabulary / N in fp32 and bf16). Runtime
-overheads (CUDA context, allocator slack, communication buffers) are not included: add 1-3 GB per GPU.
+vocabulary rows, fabric_quant.distributed.vocab_parallel); replicated: LoRA parameters with their gradients and
+AdamW's two states; and the working set: two gathered layers (the largest: the one computing and the one
+prefetched, packed, each held up to three times while gathering), activations with gradient checkpointing (each
+block's bf16 input kept, one block recomputed at a time), and the chunked loss (256 tokens x vocabulary / N in fp32
+and bf16). Runtime overheads (CUDA context, allocator slack, communication buffers) are not included: add 1-3 GB
+per GPU.
 """
 
 from __future__ import annotations

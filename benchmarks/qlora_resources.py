@@ -60,8 +60,8 @@ def prepare(model: str, workdir: Path) -> tuple[Path | None, Path | None]:
         return None, None
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from fabric_quant.data import topic_paragraphs
-    from fabric_quant.models import minilm_path
+    from fabric_quant.demo.data import topic_paragraphs
+    from fabric_quant.demo.models import minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     hidden, layers, heads, kv_heads, mlp = LLAMA[model]
@@ -137,9 +137,9 @@ def _hf_peft_loop(model_dir, data, task, train, accelerator: str, steps: int) ->
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, BitsAndBytesConfig
 
+    from fabric_quant.demo.models import minilm_path
     from fabric_quant.finetune import data as fdata
     from fabric_quant.finetune.args import DataArgs
-    from fabric_quant.models import minilm_path
 
     torch.manual_seed(42)
     path = model_dir or minilm_path()

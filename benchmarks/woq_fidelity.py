@@ -164,8 +164,8 @@ class MiniLM(Subject):
     def __init__(self, num_texts: int, seq_len: int) -> None:
         from transformers import AutoTokenizer
 
-        from fabric_quant.data import topic_paragraphs
-        from fabric_quant.models import minilm_path
+        from fabric_quant.demo.data import topic_paragraphs
+        from fabric_quant.demo.models import minilm_path
 
         self.path, self.num_texts, self.seq_len = minilm_path(), num_texts, seq_len
         self.tok = AutoTokenizer.from_pretrained(self.path)

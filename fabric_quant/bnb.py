@@ -12,7 +12,6 @@ from typing import Any
 
 import torch
 
-from fabric_quant.dtypes import default_compute_dtype, parse_dtype
 from fabric_quant.modules import (
     cast_float_rest,
     check_ignore_modules,
@@ -22,6 +21,7 @@ from fabric_quant.modules import (
     replace_modules,
 )
 from fabric_quant.nn.base import quantized_layers
+from fabric_quant.options import default_compute_dtype, parse_dtype
 from fabric_quant.registry import mode_spec, register_mode
 
 FAMILY = "bitsandbytes"

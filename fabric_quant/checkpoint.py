@@ -12,10 +12,10 @@ import uuid
 from pathlib import Path
 
 import torch
-from lightning.fabric.wrappers import _unwrap_objects
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
+from fabric_quant.modules import unwrap
 from fabric_quant.nn.base import quantized_layers
 
 FORMAT = "fabric_quant/1"
@@ -149,14 +149,14 @@ def _layer_modes(model: torch.nn.Module) -> dict[str, str]:
 
 def save_quantized(model: torch.nn.Module, path: str | Path, metadata: dict[str, str] | None = None) -> Path:
     """Save the quantized model's state (packed weights and quantization statistics) to a safetensors file."""
-    model = _unwrap_objects(model)
+    model = unwrap(model)
     meta = {"format": FORMAT, "layer_modes": json.dumps(_layer_modes(model)), **(metadata or {})}
     return save_tensors(path, model.state_dict(), meta)
 
 
 def load_quantized(model: torch.nn.Module, path: str | Path, strict: bool = True) -> torch.nn.Module:
     """Load a file written by :func:`save_quantized` into a model quantized with the same modes."""
-    model = _unwrap_objects(model)
+    model = unwrap(model)
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:
         raise ValueError(f"{path} is not a fabric_quant quantized checkpoint (format={meta.get('format')!r})")
@@ -187,7 +187,7 @@ _WEIGHT_KEYS = ("weight", "SCB", "weight_format")
 
 def dequantized_state_dict(model: torch.nn.Module, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """A plain ``torch.nn`` state dict: quantized weights dequantized, every float tensor in ``dtype``."""
-    model = _unwrap_objects(model)
+    model = unwrap(model)
     layers = dict(quantized_layers(model))
     state = {
         key: value.detach().to(dtype) if value.is_floating_point() else value.detach()

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 
 import torch
-from lightning.fabric.wrappers import _unwrap_objects
 
-from fabric_quant.nn.base import QuantizedLinear, local
-from fabric_quant.nn.bnb import foreign_storage
+from fabric_quant.modules import unwrap
+from fabric_quant.nn.base import QuantizedLinear, Storage, local
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,20 @@ def _nbytes(tensor: torch.Tensor) -> int:
     return tensor.numel() * tensor.element_size()
 
 
+def _foreign_storage(module: torch.nn.Module) -> Storage | None:
+    # bitsandbytes layers built elsewhere (Lightning's, transformers') exist only once bitsandbytes is imported:
+    # asked for then, so that counting never imports it (importing fabric_quant must not need it)
+    if sys.modules.get("bitsandbytes") is None:
+        return None
+    from fabric_quant.nn.bnb import foreign_storage
+
+    return foreign_storage(module)
+
+
 def footprint(model: torch.nn.Module) -> Footprint:
     """Count the bytes of every parameter and buffer (shared tensors once), per layer. On a sharded (FSDP) model:
     the bytes this rank holds, over the logical (whole) number of parameters."""
-    model = _unwrap_objects(model)
+    model = unwrap(model)
     seen: set[int] = set()
     layers = []
     for name, module in model.named_modules():
@@ -108,7 +118,7 @@ def footprint(model: torch.nn.Module) -> Footprint:
             if t.device.type != "meta":
                 seen.add(local(t).data_ptr())
         ours = isinstance(module, QuantizedLinear)
-        storage = module.weight_storage() if ours else foreign_storage(module)
+        storage = module.weight_storage() if ours else _foreign_storage(module)
         storage_keys = module.storage_keys if ours else ("weight",)
         if not tensors and storage is None:
             continue

@@ -13,10 +13,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from fabric_quant.dtypes import parse_dtype
+from fabric_quant.hf import output_heads, transformer_blocks
 from fabric_quant.memory import release_freed_memory
-from fabric_quant.modules import cast_float_rest, transformer_blocks
+from fabric_quant.modules import cast_float_rest
 from fabric_quant.nn.base import QuantizedLinear
+from fabric_quant.options import parse_dtype
 
 TASKS = ("causal-lm", "sequence-classification")
 
@@ -46,17 +47,6 @@ def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
                 yield key, f.get_tensor(key)
 
 
-def output_heads(model: torch.nn.Module, task: str) -> list[str]:
-    """Names of the output head(s), which stay float by default: a 4-bit head costs accuracy, and peft's
-    modules_to_save needs a float classifier."""
-    if task == "sequence-classification":
-        from peft.utils.constants import SEQ_CLS_HEAD_NAMES
-
-        return [name for name in SEQ_CLS_HEAD_NAMES if getattr(model, name, None) is not None]
-    out = model.get_output_embeddings()
-    return [name for name, module in model.named_modules() if module is out][:1]
-
-
 def from_pretrained(
     path: str | Path,
     mode: str | None = None,
@@ -81,10 +71,10 @@ def from_pretrained(
         device: where the model lives (default: CUDA when available, else CPU).
         ignore_modules: Linear layers kept in float; default: the output head (``lm_head`` / the classifier).
         on_block_loaded: called with each transformer block as soon as all its tensors are loaded: e.g.
-            ``fabric_quant.fsdp.shard_on_load(mesh)``, so that a rank never holds the whole model.
+            ``fabric_quant.distributed.fsdp.shard_on_load(mesh)``, so that a rank never holds the whole model.
         on_model_built: called with the model on the meta device (its Linear layers replaced) before any tensor
-            loads, e.g. ``fabric_quant.vocab_parallel.vocab_parallel_``; a module with a ``load_rows_`` method
-            (there, the vocabulary-parallel embedding) then takes its own part of each tensor it owns.
+            loads, e.g. ``fabric_quant.distributed.vocab_parallel.vocab_parallel_``; a module with a ``load_rows_``
+            method (there, the vocabulary-parallel embedding) then takes its own part of each tensor it owns.
         config_kwargs: config overrides, e.g. ``num_labels``, ``id2label``, ``label2id``.
     The result equals quantizing the model loaded whole in ``dtype`` (``quantize_(model, mode, dtype=dtype,
     ignore_modules=...)``: same codes, same outputs; ``quantize_`` keeps a tied head float too, so with tied
@@ -92,11 +82,7 @@ def from_pretrained(
     tables) are kept, and weights missing from the checkpoint (a new classification head) are initialised as
     transformers does, with a warning naming them.
     """
-    from accelerate import init_empty_weights
-    from accelerate.utils import set_module_tensor_to_device
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
-
-    from fabric_quant.bnb import BnbConfig, replace_linear_layers
+    from fabric_quant.bnb import BnbConfig
 
     if task not in TASKS:
         raise ValueError(f"task={task!r} is not supported. Valid choices: {', '.join(TASKS)}")
@@ -104,21 +90,10 @@ def from_pretrained(
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{str(path)!r} is not a Hugging Face model folder (no config.json)")
     files = checkpoint_files(path)
-    bnb_config = None if mode is None else BnbConfig.create(mode, dtype)  # validated before any work
+    if mode is not None:
+        BnbConfig.create(mode, dtype)  # validated before any work
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    config = AutoConfig.from_pretrained(path, **config_kwargs)
-    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
-    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed
-        model = auto.from_config(config, dtype=dtype)
-    if bnb_config is not None:
-        ignore = output_heads(model, task) if ignore_modules is None else ignore_modules
-        bnb_config = BnbConfig.create(mode, dtype, ignore)
-        replace_linear_layers(model, bnb_config)
-        head = model.get_output_embeddings()
-        if getattr(config, "tie_word_embeddings", False) and isinstance(head, QuantizedLinear):
-            raise ValueError(f"{path}: the output head shares the input embedding's weight (tie_word_embeddings);"
-                             " it cannot be quantized on its own: keep it in ignore_modules")  # fmt: skip
-
+    model = _meta_model(path, task, dtype, mode, ignore_modules, config_kwargs)
     if on_model_built is not None:
         on_model_built(model)
     names = set(model.state_dict())
@@ -136,21 +111,7 @@ def from_pretrained(
             if _model_key(key, computed, prefix) is None:  # not a table the model builds itself (old position_ids)
                 unexpected.append(key)
             continue
-        module_name, _, attr = name.rpartition(".")
-        module = model.get_submodule(module_name)
-        if hasattr(module, "load_rows_") and attr == "weight":
-            module.load_rows_(tensor)  # this rank's rows only: the rest of the mapped tensor is never read
-        elif isinstance(module, QuantizedLinear) and attr == "weight":
-            module.quantize_(tensor.to(dtype), device)  # rounded to dtype first: equal to quantizing the loaded model
-            if not module.statistics_finite():  # checked on the block statistics: cheaper than every weight
-                raise ValueError(f"{path}: {key} holds non-finite values (NaN/inf): refusing to quantize it")
-            release_freed_memory()  # the float temporaries of this layer, before the next one
-        else:
-            # a copy the model owns: a tensor viewing the memory-mapped file would keep the whole mapped file
-            # (every page the quantization read) resident for as long as the model lives
-            value = tensor.to(dtype) if tensor.is_floating_point() else tensor
-            value = value.clone() if value.data_ptr() == tensor.data_ptr() else value
-            set_module_tensor_to_device(model, name, device, value=value)
+        _place(model, name, tensor, dtype, device, f"{path}: {key}")
         _complete(pending, name, on_block_loaded)
     bar.close()
     model.tie_weights()
@@ -162,6 +123,50 @@ def from_pretrained(
     cast_float_rest(model, dtype)
     release_freed_memory()
     return model
+
+
+def _meta_model(path: Path, task: str, dtype: torch.dtype, mode: str | None, ignore_modules, config_kwargs: dict):
+    """The model for ``task`` built on the meta device (buffers such as rotary tables computed), its Linear layers
+    replaced by ``mode``'s, still empty; a quantized head tied to the input embedding is refused."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from fabric_quant.bnb import BnbConfig, replace_linear_layers
+
+    config = AutoConfig.from_pretrained(path, **config_kwargs)
+    auto = AutoModelForCausalLM if task == "causal-lm" else AutoModelForSequenceClassification
+    with init_empty_weights(include_buffers=False):  # parameters on meta; buffers (rotary tables) computed
+        model = auto.from_config(config, dtype=dtype)
+    if mode is not None:
+        ignore = output_heads(model, task) if ignore_modules is None else ignore_modules
+        replace_linear_layers(model, BnbConfig.create(mode, dtype, ignore))
+        head = model.get_output_embeddings()
+        if getattr(config, "tie_word_embeddings", False) and isinstance(head, QuantizedLinear):
+            raise ValueError(f"{path}: the output head shares the input embedding's weight (tie_word_embeddings);"
+                             " it cannot be quantized on its own: keep it in ignore_modules")  # fmt: skip
+    return model
+
+
+def _place(model: torch.nn.Module, name: str, tensor: torch.Tensor, dtype: torch.dtype, device: torch.device,
+           where: str) -> None:  # fmt: skip
+    """One checkpoint tensor into the model at ``name``: quantized, as this rank's rows, or as a copy."""
+    from accelerate.utils import set_module_tensor_to_device
+
+    module_name, _, attr = name.rpartition(".")
+    module = model.get_submodule(module_name)
+    if hasattr(module, "load_rows_") and attr == "weight":
+        module.load_rows_(tensor)  # this rank's rows only: the rest of the mapped tensor is never read
+    elif isinstance(module, QuantizedLinear) and attr == "weight":
+        module.quantize_(tensor.to(dtype), device)  # rounded to dtype first: equal to quantizing the loaded model
+        if not module.statistics_finite():  # checked on the block statistics: cheaper than every weight
+            raise ValueError(f"{where} holds non-finite values (NaN/inf): refusing to quantize it")
+        release_freed_memory()  # the float temporaries of this layer, before the next one
+    else:
+        # a copy the model owns: a tensor viewing the memory-mapped file would keep the whole mapped file
+        # (every page the quantization read) resident for as long as the model lives
+        value = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        value = value.clone() if value.data_ptr() == tensor.data_ptr() else value
+        set_module_tensor_to_device(model, name, device, value=value)
 
 
 def _groups(model: torch.nn.Module, names: set[str]) -> dict[int, tuple[torch.nn.Module, set[str]]]:

@@ -1,17 +1,11 @@
-"""Module surgery shared by the plugin families: find, validate and replace layers by name."""
+"""Module surgery shared by the families: find, validate and replace layers by name; unwrap Fabric's wrapper."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable
 
 import torch
-
-
-def check_flags(**flags: object) -> None:
-    """Boolean options must be booleans: a CLI's 'false' is a truthy string, so it is refused, not guessed."""
-    for name, value in flags.items():
-        if not isinstance(value, bool):
-            raise TypeError(f"{name}={value!r} must be True or False")
 
 
 def check_finite(model: torch.nn.Module, names: Iterable[str]) -> None:
@@ -90,10 +84,32 @@ def replace_modules(
     for aliases, child in targets:
         new = build(aliases[0], child)
         for name in aliases:
-            parent_name, _, attr = name.rpartition(".")
-            parent = module.get_submodule(parent_name) if parent_name else module
-            setattr(parent, attr, new)
+            set_module(module, name, new)
     return [name for aliases, _ in targets for name in aliases]
+
+
+def set_module(root: torch.nn.Module, name: str, module: torch.nn.Module) -> None:
+    """Put ``module`` under ``root`` at the dotted ``name`` (an attribute, a ``ModuleDict`` key, a ``Sequential``
+    index): the one place layers are swapped by name, whichever walk chose them."""
+    parent_name, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(parent_name) if parent_name else root, attr, module)
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model inside Fabric's wrapper (``fabric.setup(model)`` returns one, compiled or not): its ``.module``,
+    whose parameter and state-dict names are the model's own. Anything else is returned as it is: a peft or a
+    compiled model keeps its names (``base_model.model.``, ``_orig_mod.``), which its checkpoints record."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile around the wrapper
+    return inner.module if _fabric_wrapped(inner) else model
+
+
+def _fabric_wrapped(model: torch.nn.Module) -> bool:
+    # A wrapper exists only once Lightning is imported: looked up, never imported (the library needs no Lightning).
+    for name in ("lightning.fabric.wrappers", "lightning_fabric.wrappers"):
+        wrappers = sys.modules.get(name)
+        if wrappers is not None and wrappers.is_wrapped(model):
+            return True
+    return False
 
 
 def cast_float_rest(model: torch.nn.Module, dtype: torch.dtype) -> None:
@@ -130,29 +146,3 @@ def refuse_requantization(model: torch.nn.Module, mode: str, allowed: Iterable[s
         f"{type(model).__name__} is already quantized ({', '.join(sorted(found))}); mode {mode!r} cannot quantize"
         " it again. Start from the float model (or its dequantized weights: fabric_quant.dequantized_state_dict)."
     )
-
-
-def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The repeated blocks (one FSDP unit each): the classes transformers names in ``_no_split_modules``."""
-    names = set().union(*(getattr(m, "_no_split_modules", None) or () for m in model.modules()))
-    # by class name along the MRO: a block sharded by FSDP2 is an instance of a generated subclass (FSDP<Block>)
-    blocks = [m for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)]
-    if not blocks:
-        raise ValueError(
-            f"{type(model).__name__} holds no transformers model naming its block class (_no_split_modules); pass"
-            " blocks=[...] to shard_model"
-        )
-    return blocks
-
-
-def embedding_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The transformers model's input embedding and output head, if any (one entry when they are the same)."""
-    base = next((m for m in model.modules() if hasattr(m, "get_input_embeddings") and hasattr(m, "_no_split_modules")),
-                None)  # fmt: skip
-    if base is None:
-        return []
-    found = []
-    for module in (base.get_input_embeddings(), base.get_output_embeddings()):
-        if module is not None and not any(module is m for m in found):
-            found.append(module)
-    return found

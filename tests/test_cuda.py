@@ -157,7 +157,7 @@ def _tiny_llama_and_data(tmp_path, records: int):
     from conftest import save_tiny_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from fabric_quant.data import topic_paragraphs
+    from fabric_quant.demo.data import topic_paragraphs
 
     model_dir = save_tiny_model(tmp_path / "llama", LlamaForCausalLM, LlamaConfig, hidden_size=256,
                                 intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,

@@ -29,7 +29,7 @@ def llama_dir(tmp_path):
 
 @pytest.fixture
 def inst_data(tmp_path):
-    from fabric_quant.data import topic_paragraphs
+    from fabric_quant.demo.data import topic_paragraphs
 
     records = [{"instruction": f"Name the topic of paragraph {i}.", "input": text[:40], "output": topic}
                for i, (topic, text) in enumerate(topic_paragraphs()[:40])]  # fmt: skip
@@ -115,7 +115,7 @@ def test_fsdp_two_processes_equal_one_process_and_resume_exactly(llama_dir, inst
 @pytest.mark.parametrize("precision", ["32-true", "bf16-true"])
 def test_fsdp_with_gradient_checkpointing_equals_one_process(llama_dir, inst_data, tmp_path, precision):
     """Checkpointed blocks are recomputed in the backward, where each 4-bit layer's unit is resharded after its
-    recomputed forward and gathered again for its backward (fabric_quant.fsdp._reshard_after_recompute): the run
+    recomputed forward and gathered again for its backward (distributed.fsdp._reshard_after_recompute): the run
     must still be the one-process run. fp32 compute: as without checkpointing above. bf16 compute: every sum
     rounds to 8 bits of mantissa, and two ranks sum the gradients in another order than one process's
     accumulation, so the runs drift apart: within TOLERANCE_BF16 (measured, with margin)."""
@@ -163,7 +163,7 @@ _LIBRARY = """
 import sys, torch, torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 import fabric_quant as fq
-from fabric_quant import fsdp
+from fabric_quant.distributed import fsdp
 
 path, out, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 dist.init_process_group("gloo")
@@ -227,7 +227,7 @@ def test_sharded_4bit_model_gathers_and_reloads_bit_exactly(llama_dir, tmp_path,
 
 def test_float_or_int8_layers_are_refused_before_sharding(llama_dir):
     import fabric_quant as fq
-    from fabric_quant import fsdp
+    from fabric_quant.distributed import fsdp
 
     with pytest.raises(ValueError, match="only the 4-bit bitsandbytes modes"):
         fsdp.check_shardable(fq.from_pretrained(llama_dir, "int8", dtype=torch.float32, progress=False))
@@ -241,9 +241,9 @@ def test_float_or_int8_layers_are_refused_before_sharding(llama_dir):
 _VOCAB = """
 import sys, torch, torch.distributed as dist
 import fabric_quant as fq
-from fabric_quant import fsdp
+from fabric_quant.distributed import fsdp
 from fabric_quant.finetune.loss import ChunkedLossLM, linear_cross_entropy
-from fabric_quant.vocab_parallel import VocabParallelEmbedding, VocabParallelHead, vocab_parallel_
+from fabric_quant.distributed.vocab_parallel import VocabParallelEmbedding, VocabParallelHead, vocab_parallel_
 
 path, out = sys.argv[1], sys.argv[2]
 dist.init_process_group("gloo")
@@ -328,7 +328,7 @@ def test_vocabulary_parallel_embedding_and_loss_equal_the_whole_table(llama_dir,
 
 def test_vocab_parallel_needs_a_process_group(llama_dir):
     import fabric_quant as fq
-    from fabric_quant.vocab_parallel import vocab_parallel_
+    from fabric_quant.distributed.vocab_parallel import vocab_parallel_
 
     with pytest.raises(RuntimeError, match="initialise it first"):
         fq.from_pretrained(llama_dir, "nf4", progress=False, on_model_built=vocab_parallel_)

@@ -232,7 +232,7 @@ from lightning.fabric import Fabric
 import fabric_quant as fq
 sys.path.insert(0, {tests!r})
 from test_qat import tiny_cnn
-from fabric_quant.models import digits_images
+from fabric_quant.demo.models import digits_images
 
 plugin = fq.precision_plugin("qat-int8-static", freeze_bn_step=6, freeze_observer_step=8)
 fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp", plugins=plugin)

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 from test_qat import tiny_cnn
 
 import fabric_quant as fq
-from fabric_quant.models import digits_images
+from fabric_quant.demo.models import digits_images
 from fabric_quant.nn import Int8Conv, Int8Linear, pack_int4, unpack_int4
 from fabric_quant.qat import QATConfig, QATLinear, convert_layer
 

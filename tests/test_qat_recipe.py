@@ -38,7 +38,7 @@ def test_pydoc_minilm_recipe_on_a_tiny_bert(tiny_bert_with_tokenizer, tmp_path):
 
 
 def test_digits_at_32x32_feed_the_larger_cnn():
-    from fabric_quant.models import digits_cnn, digits_data
+    from fabric_quant.demo.models import digits_cnn, digits_data
 
     train_x, _, test_x, _ = digits_data(0, image_size=32)
     assert train_x.shape[1:] == (1, 32, 32) and len(train_x) + len(test_x) == 1797

@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "recipes"))
 
 import qlora  # noqa: E402
 
-from fabric_quant.data import topic_paragraphs  # noqa: E402
+from fabric_quant.demo.data import topic_paragraphs  # noqa: E402
 from fabric_quant.finetune import data as fdata  # noqa: E402
 from fabric_quant.finetune.args import DataArgs, EvalArgs, LoRAArgs, ModelArgs, TrainArgs  # noqa: E402
 from fabric_quant.finetune.log import read_log  # noqa: E402
@@ -140,7 +140,7 @@ def test_causal_lm_instruction_end_to_end(tiny_llama_dir, instruction_data, tmp_
 def test_prompt_tokens_are_masked_from_the_loss(instruction_data):
     from transformers import AutoTokenizer
 
-    from fabric_quant.models import minilm_path
+    from fabric_quant.demo.models import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     ds = fdata.encode_instruction(fdata.read_jsonl(instruction_data, {"instruction": str, "output": str}), tok, 512)
@@ -526,7 +526,7 @@ def chat_data(tmp_path):
 def test_chat_records_train_on_assistant_turns_only(chat_data):
     from transformers import AutoTokenizer
 
-    from fabric_quant.models import minilm_path
+    from fabric_quant.demo.models import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())  # no chat template: the plain "### Role:" layout
     records = fdata.read_jsonl(chat_data, {"messages": list})

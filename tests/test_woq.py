@@ -11,8 +11,9 @@ import torch
 from conftest import make_net, rel_err, save_tiny_model
 
 import fabric_quant as fq
+from fabric_quant.finetune.export import export_woq
 from fabric_quant.nn.woq import WOQLinear, pack_nibbles, unpack_nibbles
-from fabric_quant.woq_export import export_woq, load_woq
+from fabric_quant.woq.folder import load_woq
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER_CASES = [("woq-int8", {}), ("woq-int4", {"group_size": 32}), ("woq-int4", {"group_size": 128}),

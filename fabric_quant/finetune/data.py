@@ -1,4 +1,5 @@
-"""Fine-tuning data: JSONL classification / instruction files and the built-in pydoc-topics set.
+"""Fine-tuning data: JSONL classification / instruction / chat files, or the built-in pydoc-topics task
+(:mod:`fabric_quant.demo.data`).
 
 Examples become token-id lists once; batches are cut from a seeded permutation per epoch so that a resumed run
 sees exactly the micro-batches an uninterrupted run would.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from fabric_quant.data import topic_paragraphs
+from fabric_quant.demo.data import pydoc_topics
 
 IGNORE_INDEX = -100
 PROMPT = (
@@ -63,19 +64,6 @@ def read_jsonl(path: Path, required: dict[str, type | tuple[type, ...]]) -> list
 
 def _name(kind: type | tuple[type, ...]) -> str:
     return " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-
-
-def pydoc_topics(min_per_topic: int) -> list[dict]:
-    """The built-in task: classify a paragraph of Python's documentation by its topic."""
-    by_topic = defaultdict(list)
-    for topic, text in topic_paragraphs():
-        by_topic[topic].append(text)
-    records = [
-        {"text": t, "label": k} for k, texts in sorted(by_topic.items()) if len(texts) >= min_per_topic for t in texts
-    ]
-    if len({r["label"] for r in records}) < 2:
-        raise ValueError(f"min_per_topic={min_per_topic} leaves fewer than 2 topics; lower it")
-    return records
 
 
 def split(records: list[dict], val_fraction: float, seed: int, stratify: bool) -> tuple[list[dict], list[dict]]:

@@ -16,8 +16,13 @@ import functools
 import torch
 from torch.nn import functional
 
+from fabric_quant.distributed.vocab_parallel import (
+    VocabParallelHead,
+    chunked_cross_entropy,
+    pad_rows,
+    softmax_minus_one_hot_,
+)
 from fabric_quant.nn.base import QuantizedLinear, whole
-from fabric_quant.vocab_parallel import VocabParallelHead, chunked_cross_entropy, pad_rows, softmax_minus_one_hot_
 
 IGNORE_INDEX = -100
 # Architectures whose causal-LM forward is exactly `lm_head(decoder(...).last_hidden_state)` (no logit scaling or

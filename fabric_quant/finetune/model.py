@@ -11,7 +11,8 @@ import torch
 from fabric_quant.checkpoint import save_dir_atomically, save_tensors
 from fabric_quant.finetune.lean_activations import lean_activations_
 from fabric_quant.finetune.lora_dropout import lean_lora_dropout_
-from fabric_quant.loading import from_pretrained, output_heads
+from fabric_quant.hf import output_heads
+from fabric_quant.loading import from_pretrained
 from fabric_quant.nn.base import QuantizedLinear
 
 _TASK_TYPE = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}

@@ -45,7 +45,8 @@ def _sharded_trainable(model: torch.nn.Module) -> bool:
 
 def optimizer_state(model: torch.nn.Module, optimizer) -> dict:
     """The optimizer's state dict; with sharded trainable parameters the whole state keyed by parameter name
-    (collective). Adapters replicated beside a sharded base (``fabric_quant.fsdp``) keep the plain format."""
+    (collective). Adapters replicated beside a sharded base (``fabric_quant.distributed.fsdp``) keep the plain
+    format."""
     if not _sharded_trainable(model):
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from typing_extensions import override
 
-from fabric_quant.modules import check_flags, ignore_set
+from fabric_quant.modules import ignore_set
+from fabric_quant.options import check_flags
 from fabric_quant.plugins.base import LightningPrecision
 from fabric_quant.qat import QATSchedule, apply_schedule, convert, prepare_qat, qat_config
 

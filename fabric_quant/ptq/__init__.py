@@ -5,13 +5,12 @@ from fabric_quant.kernels import BACKENDS, compile_model, select_backend
 from fabric_quant.ptq.dynamic import quantize_dynamic
 from fabric_quant.ptq.modes import ptq_options, quantize_ptq
 from fabric_quant.ptq.recommend import Candidate, Recommendation, recommend
-from fabric_quant.ptq.static import call_model, quantize_static
+from fabric_quant.ptq.static import quantize_static
 
 __all__ = [
     "BACKENDS",
     "Candidate",
     "Recommendation",
-    "call_model",
     "compile_model",
     "ptq_options",
     "quantize_dynamic",

@@ -14,10 +14,10 @@ from collections.abc import Iterable
 
 import torch
 
-from fabric_quant.dtypes import parse_dtype
 from fabric_quant.modules import cast_float_rest, check_ignore_modules, is_ignored, replace_modules
 from fabric_quant.nn import RNN_TYPES, DynamicInt8RNN, Int8Config, Int8Embedding, Int8Linear
 from fabric_quant.nn.int8_siblings import group_int8_siblings
+from fabric_quant.options import parse_dtype
 
 LAYERS = ("linear", "lstm", "gru", "embedding")
 DTYPES = (torch.float32, torch.bfloat16)

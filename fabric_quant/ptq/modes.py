@@ -7,9 +7,9 @@ from typing import Any
 
 import torch
 
-from fabric_quant.dtypes import parse_dtype
 from fabric_quant.kernels import select_backend
 from fabric_quant.modules import refuse_requantization
+from fabric_quant.options import parse_dtype
 from fabric_quant.ptq.dynamic import quantize_dynamic
 from fabric_quant.ptq.static import quantize_static
 from fabric_quant.qat.layers import QATConfig

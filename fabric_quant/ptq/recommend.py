@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fabric_quant.calibration import call_model
 from fabric_quant.footprint import footprint
 from fabric_quant.kernels import can_compile, compile_model
 from fabric_quant.nn.rnn import RNN_TYPES
 from fabric_quant.ptq.dynamic import quantize_dynamic
-from fabric_quant.ptq.static import call_model, quantize_static
+from fabric_quant.ptq.static import quantize_static
 from fabric_quant.report import markdown_table, measure_latencies
 
 
@@ -117,17 +118,7 @@ def recommend(
         if not calibration:
             raise ValueError("example_input is required for the latency measurement when no calibration_data is given")
         example_input = calibration[0]
-    model = copy.deepcopy(model).eval()
-    models: dict[str, torch.nn.Module] = {"fp32": model}
-    if counts["linear"] or counts["recurrent"]:
-        models["dynamic"] = quantize_dynamic(model)
-    if calibration and (counts["linear"] or counts["conv"]):
-        models["static"] = quantize_static(model, calibration, progress=False)
-    if weight_only and counts["linear"]:
-        from fabric_quant.woq import quantize_woq  # a sibling family, imported only when asked for
-
-        for mode in ("woq-int8", "woq-int4"):
-            models[mode] = quantize_woq(copy.deepcopy(model), mode)
+    models = _candidate_models(copy.deepcopy(model).eval(), counts, calibration, weight_only)
     with torch.no_grad():
         metrics = {name: float(eval_fn(m, val_data)) for name, m in models.items()}
     timed = {n: compile_model(m, autotune=autotune) if compile else m for n, m in models.items()}
@@ -139,8 +130,30 @@ def recommend(
         size = footprint(m).total_bytes / 1e6
         candidates.append(Candidate(name, metrics[name], drop, ms, base_ms / ms, size, drop <= tolerance, m))
     ranked = [candidates[0], *sorted(candidates[1:], key=lambda c: (not c.within_tolerance, c.latency_ms))]
+    best, advice = _advice(ranked, tolerance, compile)
+    return Recommendation(proposed, best, advice, ranked)
+
+
+def _candidate_models(model: torch.nn.Module, counts: dict[str, int], calibration: list | None,
+                      weight_only: bool) -> dict[str, torch.nn.Module]:  # fmt: skip
+    """fp32 (``model`` itself) and every scheme that applies to its layers, each quantized from a copy of it."""
+    models: dict[str, torch.nn.Module] = {"fp32": model}
+    if counts["linear"] or counts["recurrent"]:
+        models["dynamic"] = quantize_dynamic(model)
+    if calibration and (counts["linear"] or counts["conv"]):
+        models["static"] = quantize_static(model, calibration, progress=False)
+    if weight_only and counts["linear"]:
+        from fabric_quant.woq import quantize_woq  # a sibling family, imported only when asked for
+
+        for mode in ("woq-int8", "woq-int4"):
+            models[mode] = quantize_woq(copy.deepcopy(model), mode)
+    return models
+
+
+def _advice(ranked: list[Candidate], tolerance: float, compile: bool) -> tuple[str, str]:
+    """The scheme to use and why, from the ranked candidates (fp32 first)."""
     ok = [c for c in ranked[1:] if c.within_tolerance]
-    static = next((c for c in candidates if c.scheme == "static"), None)
+    static = next((c for c in ranked if c.scheme == "static"), None)
     if ok and ok[0].speedup > 1:
         best = ok[0].scheme
         speed = f"{ok[0].speedup:.2f}x fp32 speed{' (both compiled)' if compile else ''}"
@@ -161,4 +174,4 @@ def recommend(
         advice = f"no scheme stays within {tolerance}; pass calibration_data to try static, or use QAT"
     if static is not None and not static.within_tolerance and best != "qat":
         advice += f"; static loses {static.drop:.4f} (> tolerance): QAT would be the way to use static int8"
-    return Recommendation(proposed, best, advice, ranked)
+    return best, advice

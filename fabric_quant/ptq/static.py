@@ -14,29 +14,13 @@ from collections.abc import Iterable, Sized
 import torch
 from tqdm.auto import tqdm
 
+from fabric_quant.calibration import call_model, check_finite_batch
 from fabric_quant.kernels import select_backend
 from fabric_quant.qat.convert import convert
 from fabric_quant.qat.layers import FakeQuantLayer
 from fabric_quant.qat.prepare import enable_fake_quant, prepare_qat
 
 _EMPTY = "calibration_data is empty: static quantization needs at least one batch of inputs"
-
-
-def call_model(model: torch.nn.Module, batch):
-    """A batch is the model's input: a tensor (``model(x)``), a tuple/list (``model(*batch)``) or a mapping
-    (``model(**batch)``, e.g. a tokenizer's output)."""
-    if isinstance(batch, dict):
-        return model(**batch)
-    if isinstance(batch, list | tuple):
-        return model(*batch)
-    return model(batch)
-
-
-def _check_finite_batch(batch, index: int) -> None:
-    tensors = batch.values() if isinstance(batch, dict) else batch if isinstance(batch, list | tuple) else [batch]
-    for t in tensors:
-        if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise ValueError(f"calibration batch {index} holds non-finite values (NaN/inf): observers cannot use it")
 
 
 def quantize_static(
@@ -56,7 +40,8 @@ def quantize_static(
     """Return an int8 copy of ``model`` (Linear, Conv1d/2d; BatchNorm folded) with calibrated activation scales.
 
     Args:
-        calibration_data: batches of model inputs (see :func:`call_model`); a few hundred samples usually do.
+        calibration_data: batches of model inputs (see :func:`fabric_quant.calibration.call_model`); a few
+            hundred samples usually do.
         mode: the ``qat`` scheme whose observers are calibrated (default ``qat-int8-static``; a dynamic-activation
             mode calibrates nothing and quantizes its weights only: the PTQ control of a QAT run).
         observer: ``minmax``, ``moving_average``, ``percentile`` (99.99 %) or ``mse`` (error-minimising clip).
@@ -82,7 +67,7 @@ def quantize_static(
     batches = 0
     with torch.no_grad():
         for batch in tqdm(calibration_data, desc="calibrating", unit="batch", disable=not progress, leave=False):
-            _check_finite_batch(batch, batches)
+            check_finite_batch(batch, batches)
             call_model(work, batch)
             batches += 1
     if batches == 0:

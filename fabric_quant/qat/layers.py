@@ -10,7 +10,6 @@ from typing import Literal
 
 import torch
 
-from fabric_quant.modules import check_flags
 from fabric_quant.nn.int8 import ACTIVATIONS, Int8Config
 from fabric_quant.numerics.fold import bn_scale, fold_bn
 from fabric_quant.numerics.observers import OBSERVERS, make_observer
@@ -23,6 +22,7 @@ from fabric_quant.numerics.quant import (
     group_view,
     qrange,
 )
+from fabric_quant.options import check_flags
 
 
 @dataclass(frozen=True)

@@ -10,13 +10,13 @@ import torch
 
 from fabric_quant.modules import (
     check_finite,
-    check_flags,
     check_ignore_modules,
     is_ignored,
     refuse_requantization,
     replace_modules,
 )
 from fabric_quant.numerics.quant import group_view
+from fabric_quant.options import check_flags
 from fabric_quant.qat.layers import (
     FakeQuantLayer,
     QATConfig,

@@ -15,18 +15,20 @@ from typing import Any
 
 import torch
 
-from fabric_quant.dtypes import parse_dtype
+from fabric_quant.calibration import call_model
+from fabric_quant.hf import output_heads
 from fabric_quant.modules import (
     cast_float_rest,
     check_finite,
-    check_flags,
     check_ignore_modules,
     is_ignored,
     refuse_requantization,
+    set_module,
 )
 from fabric_quant.nn.int8 import Int8Config, Int8Embedding
 from fabric_quant.nn.woq import GROUP_SIZES, SCALE_SEARCHES, WOQLinear
 from fabric_quant.numerics import gptq
+from fabric_quant.options import check_flags, parse_dtype
 from fabric_quant.registry import mode_spec, register_mode
 
 FAMILY = "woq"
@@ -101,17 +103,11 @@ class WOQConfig:
                 "dtype": None if self.dtype is None else str(self.dtype).removeprefix("torch.")}  # fmt: skip
 
 
-def output_head_names(model: torch.nn.Module) -> list[str]:
-    """The output head's module name(s) of a transformers model (``get_output_embeddings``); none otherwise."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    return [name for name, module in model.named_modules() if head is not None and module is head][:1]
-
-
 def woq_targets(model: torch.nn.Module, config: WOQConfig) -> tuple[list[str], list[str]]:
     """Names of the Linear layers and the Embedding tables ``config`` quantizes."""
     ignore = set(check_ignore_modules(model, config.ignore_modules))
     if not config.include_lm_head:
-        ignore |= set(output_head_names(model))
+        ignore |= set(output_heads(model))
     linears, embeddings = [], []
     for name, child in model.named_modules():
         if not name or is_ignored(name, ignore):
@@ -147,18 +143,17 @@ def quantize_woq(
     hessians: dict[str, torch.Tensor] = {}
     passes = [linears]
     if batches is not None:
-        from fabric_quant.ptq.static import call_model  # the PTQ batch convention: tensor, tuple or mapping
-
         passes = gptq.hessian_passes({n: model.get_submodule(n).in_features for n in linears})
     for names in passes:
         if batches is not None:  # the inputs of this pass's layers, the earlier passes' layers already quantized
             hessians = gptq.collect_hessians(model, names, batches, call_model, progress)
         for name in names:
             hessian = hessians.pop(name, None)  # released once its layer is quantized
-            _replace(model, name, lambda child, h=hessian: WOQLinear.from_float(child, config.bits, config.group_size,
-                                                                                config.scale_search, device, h))
+            linear = model.get_submodule(name)
+            set_module(model, name, WOQLinear.from_float(linear, config.bits, config.group_size, config.scale_search,
+                                                         device, hessian))  # fmt: skip
     for name in embeddings:
-        _replace(model, name, lambda child: _int8_embedding(child, device))
+        set_module(model, name, int8_embedding(model.get_submodule(name), device))
     if config.dtype is not None:
         cast_float_rest(model, config.dtype)
     return model
@@ -190,13 +185,7 @@ def _check_calibration(config: WOQConfig, calibration_data) -> list | None:
     return batches
 
 
-def _replace(model: torch.nn.Module, name: str, build) -> None:
-    parent_name, _, attr = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, attr, build(getattr(parent, attr)))
-
-
-def _int8_embedding(emb: torch.nn.Embedding, device: torch.device | str | None) -> Int8Embedding:
+def int8_embedding(emb: torch.nn.Embedding, device: torch.device | str | None) -> Int8Embedding:
     new = Int8Embedding.from_float(emb, Int8Config(bits=8, activations="none"))
     new.fq_mode = EMBEDDING_MODE
     new.out_dtype = emb.weight.dtype  # lookups return what the float table returned

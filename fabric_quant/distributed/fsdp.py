@@ -28,7 +28,7 @@ import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from fabric_quant.checkpoint import load_tensors, save_tensors
-from fabric_quant.modules import embedding_modules, transformer_blocks
+from fabric_quant.hf import embedding_modules, transformer_blocks
 from fabric_quant.nn.base import local, quantized_layers, set_whole, whole
 from fabric_quant.nn.bnb import Linear4bit
 
@@ -96,7 +96,7 @@ def shard_model(model: torch.nn.Module, mesh=None, *, blocks: list[torch.nn.Modu
         if not isinstance(block, FSDPModule):  # else sharded already, e.g. by the loader (shard_on_load)
             _shard_block(block, per_layer, **kwargs)
     # Left out of the root unit: the input embedding and output head (frozen; vocabulary-parallel when the model
-    # was built with fabric_quant.vocab_parallel, else whole on every rank, as in DDP: FSDP2 would gather a
+    # was built with fabric_quant.distributed.vocab_parallel, else whole on every rank, as in DDP: FSDP2 would gather a
     # 128K-token table whole for every lookup, twice its size while copying it out), and any other trainable
     # parameter added after sharding: the LoRA adapters (peft adds them after a sharded load, and FSDP cannot add
     # parameters to a unit already built) and a classifier. They are small (LoRA r=8 on every Linear of the 1B
