@@ -154,8 +154,8 @@ def test_fsdp1_plugin_is_refused_naming_the_fsdp2_path():
 
 def test_float_storage_is_refused_by_the_sharding_path():
     """The packed bytes of a bf16-stored layer include bf16 NaN patterns (about 0.1 % of byte pairs), the
-    reason FSDP must not shard them as floats; fabric_quant.fsdp refuses that storage before sharding."""
-    from fabric_quant.fsdp import check_shardable
+    reason FSDP must not shard them as floats; fabric_quant.distributed.fsdp refuses that storage before sharding."""
+    from fabric_quant.distributed.fsdp import check_shardable
 
     _, model = setup_quantized("nf4-dq", dtype=torch.bfloat16, quant_storage="bfloat16")
     packed = model.fc1.weight.data.view(torch.int16)

@@ -98,13 +98,13 @@ def bnb_plugin(mode: str, *, fsdp: bool = False, **kwargs: Any) -> BnbPrecision:
 
     ``fsdp=True`` (a plugin for Fabric's FSDP strategy, FSDP1) is refused: FSDP1 flattens a unit's parameters into
     one dtype, so packed 4-bit bytes would have to be stored as bf16 (``quant_storage``), where NaN bit patterns are
-    rewritten and packed NF4 codes silently change (bitsandbytes #1945). ``fabric_quant.fsdp`` shards with FSDP2
+    rewritten and packed NF4 codes silently change (bitsandbytes #1945). ``fabric_quant.distributed.fsdp`` shards with FSDP2
     and uint8 storage instead, and checks it."""
     if fsdp:
         raise ValueError(
             f"precision_plugin({mode!r}, fsdp=True): Fabric's FSDP strategy (FSDP1) needs the packed 4-bit weights"
             " stored as bf16, where NaN bit patterns are rewritten and packed codes corrupted (bitsandbytes #1945)."
             " Valid choices: fsdp=False (one device or DDP), or shard with FSDP2 and uint8 storage:"
-            " fabric_quant.fsdp.shard_model / `recipes/qlora.py --strategy fsdp` (docs/fsdp.md)."
+            " fabric_quant.distributed.fsdp.shard_model / `recipes/qlora.py --strategy fsdp` (docs/fsdp.md)."
         )
     return BnbPrecision(mode, **kwargs)
