@@ -141,7 +141,8 @@ class FSDPArgs:
     """Free each gathered block after its forward (ZeRO-3); false keeps it until backward (faster, more memory)."""
     vocab_parallel: bool = True
     """Split the (frozen) input embedding and output head by vocabulary rows over the processes, with a
-    vocabulary-parallel lookup and loss (fabric_quant.distributed.vocab_parallel); false: every process holds them whole."""
+    vocabulary-parallel lookup and loss (fabric_quant.distributed.vocab_parallel); false: every process holds them
+    whole."""
 
 
 @dataclass

@@ -321,7 +321,7 @@ class Linear4bit(_LoadMixin, bnb.nn.Linear4bit, QuantizedLinear):
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if getattr(self.weight, "quant_state", None) is None and self.quant_state is not None:
-            # sharded (FSDP2): the weight is a DTensor now; the statistics live on the module (fabric_quant.distributed.fsdp)
+            # sharded (FSDP2): the weight is a DTensor now; the statistics live on the module (distributed/fsdp.py)
             for key, value in self.quant_state.as_dict(packed=True).items():
                 destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
 

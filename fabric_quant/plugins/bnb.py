@@ -98,8 +98,8 @@ def bnb_plugin(mode: str, *, fsdp: bool = False, **kwargs: Any) -> BnbPrecision:
 
     ``fsdp=True`` (a plugin for Fabric's FSDP strategy, FSDP1) is refused: FSDP1 flattens a unit's parameters into
     one dtype, so packed 4-bit bytes would have to be stored as bf16 (``quant_storage``), where NaN bit patterns are
-    rewritten and packed NF4 codes silently change (bitsandbytes #1945). ``fabric_quant.distributed.fsdp`` shards with FSDP2
-    and uint8 storage instead, and checks it."""
+    rewritten and packed NF4 codes silently change (bitsandbytes #1945). ``fabric_quant.distributed.fsdp`` shards
+    with FSDP2 and uint8 storage instead, and checks it."""
     if fsdp:
         raise ValueError(
             f"precision_plugin({mode!r}, fsdp=True): Fabric's FSDP strategy (FSDP1) needs the packed 4-bit weights"
