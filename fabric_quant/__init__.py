@@ -2,7 +2,8 @@
 
 Layers, bottom up: ``numerics`` (integer grids, fake quantization, observers) -> ``nn`` (real quantized modules)
 -> the families' library functions (``bnb``, ``qat``, ``ptq``), which register their modes -> ``quantize_`` /
-``convert`` -> ``plugins`` (thin Lightning adapters, imported only when a plugin is asked for).
+``convert`` -> ``plugins`` (thin Lightning adapters, imported only when a plugin is asked for) -> ``integrations``
+(the plugins inside Lightning clients such as litgpt).
 """
 
 # first: _bnb installs its log filters on import, before anything below imports bitsandbytes (it logs then)
