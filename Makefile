@@ -5,6 +5,9 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
+# optional, for fabric_quant.integrations.litgpt and its tests: without its dependencies (its pins are older than
+# this project's, whose dependencies cover what it imports)
+LITGPT ?= litgpt==0.5.13
 BIN := $(VENV)/bin
 
 .PHONY: demo test bench
@@ -13,6 +16,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/pip install -q --no-deps "$(LITGPT)"
 	touch $@
 
 demo: $(VENV)/.installed

@@ -4,7 +4,8 @@ Layers, bottom up (docs/architecture.md): ``options`` / ``registry`` -> ``numeri
 quantization, observers) -> ``nn`` (real quantized modules) -> model tools (``modules``, ``hf``, ``checkpoint``...)
 -> the families' library functions (``bnb``, ``qat``, ``ptq``, ``woq``), which register their modes ->
 ``quantize_`` / ``convert`` / ``from_pretrained`` -> ``distributed``, ``demo``, ``finetune`` -> ``plugins`` (thin
-Lightning adapters, imported only when a plugin is asked for).
+Lightning adapters, imported only when a plugin is asked for) -> ``integrations`` (the plugins inside Lightning
+clients such as litgpt).
 """
 
 # first: _bnb installs its log filters on import, before anything below imports bitsandbytes (it logs then)

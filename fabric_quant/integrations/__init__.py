@@ -1,0 +1,1 @@
+"""Integrations with other Lightning clients (each imports its client only when used)."""
