@@ -27,7 +27,9 @@ def quantize_(model: torch.nn.Module, mode: str, **options: Any) -> torch.nn.Mod
     return mode_spec(mode).quantize(model, mode, **options)
 
 
-def convert(model: torch.nn.Module, *, inplace: bool = True, backend: str = "auto") -> torch.nn.Module:
-    """A QAT-prepared (and trained) model into the real int8 / packed int4 model, in eval mode; in place unless
-    ``inplace=False``. ``backend``: ``auto``, ``x86`` (oneDNN int8 convolutions) or ``reference``."""
+def convert(model: torch.nn.Module, *, inplace: bool = False, backend: str = "auto") -> torch.nn.Module:
+    """A QAT-prepared (and trained) model into the real int8 / packed int4 model, in eval mode. A copy by default,
+    as torch.ao's ``convert``: the fake-quant model stays usable (to compare, or to train further);
+    ``inplace=True`` replaces its layers instead, without the copy's memory. ``backend``: ``auto``, ``x86`` (oneDNN
+    int8 convolutions) or ``reference``."""
     return _convert_qat(model, inplace=inplace, backend=backend)

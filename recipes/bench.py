@@ -262,11 +262,33 @@ def setup(
     else:
         the_task = DigitsCNNTask(seed, train_epochs, image_size)
 
+    models, rows = build_rows(the_task, modes, backend, compile=compile, autotune=autotune)
+    time_rows(the_task, models, rows, batch_sizes, repeats)
+    columns = ["mode", "size_mb", "bits_per_param", "bits_per_quantized_param"]
+    for b in batch_sizes:
+        columns += [f"b{b}_ms", f"b{b}_iqr_ms", f"speedup_b{b}"]
+    if task == "minilm":  # training path (forward + backward) at the largest batch, eager modes only
+        time_train_steps(the_task, models, rows, modes, max(batch_sizes), repeats)
+        columns += [f"train_b{max(batch_sizes)}_ms", f"train_vs_fp32_b{max(batch_sizes)}"]
+    columns.append("fidelity")
+    table = list(rows.values())
+    header = _header(the_task, task, backend, autotune, batch_sizes, seq_len, image_size, repeats, threads)
+    metrics = ["size_mb", *(f"b{b}_ms" for b in batch_sizes), "fidelity"]
+    plot = bar_panels(table, "mode", metrics, f"Quantization modes: {the_task.name}")
+    paths = write_report(table, columns, out_dir, "bench", header, plot)
+    print(paths["markdown"].read_text())
+    print("written:", ", ".join(str(p) for p in paths.values()))
+    return table
+
+
+def build_rows(task: Task, modes: list[str], backend: str, *, compile: bool, autotune: bool) -> tuple[dict, dict]:
+    """Each mode's model (and its ``+compile`` twin), with its row: size, bits per parameter and fidelity (scored
+    against the first mode's, fp32's, output)."""
     models, rows, reference = {}, {}, None
     for mode in tqdm(modes, desc="quantize + score", unit="mode"):
-        net = build_mode(the_task, mode, backend)
+        net = build_mode(task, mode, backend)
         with torch.inference_mode():
-            fidelity, out = the_task.score(net, reference)
+            fidelity, out = task.score(net, reference)
         reference = out if reference is None else reference
         size_mb, bits, qbits = math.nan, math.nan, math.nan
         if mode != TORCH_AO:
@@ -278,9 +300,15 @@ def setup(
         if compile and mode in COMPILED:
             models[f"{mode}+compile"] = compile_model(net, autotune=autotune)
             rows[f"{mode}+compile"] = {**rows[mode], "mode": f"{mode}+compile"}
+    return models, rows
+
+
+def time_rows(task: Task, models: dict, rows: dict, batch_sizes: list[int], repeats: int) -> None:
+    """Latency (median and IQR) of every model at each batch size, rows measured in turns, and the speed-up over
+    fp32 of the same run."""
     dtypes = {name: input_dtype(models[name.removesuffix("+compile")]) for name in models}
     for b in batch_sizes:
-        inputs = the_task.inputs(b)
+        inputs = task.inputs(b)
         calls = {name: _call(m, inputs, dtypes[name]) for name, m in models.items()}
         with torch.inference_mode():
             for fn in tqdm(calls.values(), desc=f"compile/warm-up b{b}", leave=False):
@@ -289,23 +317,21 @@ def setup(
             rows[name][f"b{b}_ms"], rows[name][f"b{b}_iqr_ms"] = lat["median_ms"], lat["iqr_ms"]
         for row in rows.values():
             row[f"speedup_b{b}"] = rows["fp32"][f"b{b}_ms"] / row[f"b{b}_ms"]
-    if task == "minilm":  # training path (forward + backward) at the largest batch, eager modes only
-        b = max(batch_sizes)
-        inputs = the_task.inputs(b)
-        trainable = [m for m in modes if m in BASELINES or m in fq.available_modes("bitsandbytes")]
-        steps = {m: train_step(copy.deepcopy(models[m]) if m in COMPILED else models[m], inputs) for m in trainable}
-        for name, lat in measure_latencies(steps, max(3, repeats // 4), inference=False).items():
-            rows[name][f"train_b{b}_ms"] = lat["median_ms"]
-        for name in steps:
-            rows[name][f"train_vs_fp32_b{b}"] = rows[name][f"train_b{b}_ms"] / rows["fp32"][f"train_b{b}_ms"]
 
-    columns = ["mode", "size_mb", "bits_per_param", "bits_per_quantized_param"]
-    for b in batch_sizes:
-        columns += [f"b{b}_ms", f"b{b}_iqr_ms", f"speedup_b{b}"]
-    if task == "minilm":
-        columns += [f"train_b{max(batch_sizes)}_ms", f"train_vs_fp32_b{max(batch_sizes)}"]
-    columns.append("fidelity")
-    table = list(rows.values())
+
+def time_train_steps(task: Task, models: dict, rows: dict, modes: list[str], batch: int, repeats: int) -> None:
+    """The training path (forward + backward through the frozen base) of the modes that train, against fp32's."""
+    inputs = task.inputs(batch)
+    trainable = [m for m in modes if m in BASELINES or m in fq.available_modes("bitsandbytes")]
+    steps = {m: train_step(copy.deepcopy(models[m]) if m in COMPILED else models[m], inputs) for m in trainable}
+    for name, lat in measure_latencies(steps, max(3, repeats // 4), inference=False).items():
+        rows[name][f"train_b{batch}_ms"] = lat["median_ms"]
+    for name in steps:
+        rows[name][f"train_vs_fp32_b{batch}"] = rows[name][f"train_b{batch}_ms"] / rows["fp32"][f"train_b{batch}_ms"]
+
+
+def _header(the_task: Task, task: str, backend: str, autotune: bool, batch_sizes: list[int], seq_len: int,
+            image_size: int, repeats: int, threads: int) -> str:  # fmt: skip
     feats = ", ".join(k for k, v in cpu_features().items() if v)
     what = f"seq {seq_len}" if task == "minilm" else f"{image_size}x{image_size} images"
     header = (
@@ -323,13 +349,7 @@ def setup(
             f" train = forward + backward to the input embeddings through the frozen model, batch"
             f" {max(batch_sizes)} (QLoRA's path); ratio vs fp32."
         )
-    metrics = ["size_mb", *(f"b{b}_ms" for b in batch_sizes), "fidelity"]
-    plot = bar_panels(table, "mode", metrics, f"Quantization modes: {the_task.name}")
-    paths = write_report(table, columns, out_dir, "bench", header, plot)
-    print(paths["markdown"].read_text())
-    print("written:", ", ".join(str(p) for p in paths.values()))
-    return table
-
+    return header
 
 if __name__ == "__main__":
     CLI(setup, as_positional=False)

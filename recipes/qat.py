@@ -173,69 +173,90 @@ def setup(
         seed: seeds data split, order and initialisation.
         out_dir: where qat_results.{md,csv,png} and the checkpoints go.
     """
-    qat_config(mode, **(options or {}))  # validates mode and options before any work
-    for name, value in (("batch_size", batch_size), ("float_epochs", float_epochs), ("qat_epochs", qat_epochs),
-                        ("max_seq_length", max_seq_length), ("calibration_batches", calibration_batches),
-                        ("repeats", repeats), ("threads", threads)):  # fmt: skip
+    _validate(task, mode, options, compile, autotune, ints={
+        "batch_size": batch_size, "float_epochs": float_epochs, "qat_epochs": qat_epochs,
+        "max_seq_length": max_seq_length, "calibration_batches": calibration_batches, "repeats": repeats,
+        "threads": threads}, rates={"float_lr": float_lr, "qat_lr": qat_lr})  # fmt: skip
+    check_plotting()  # before any measuring
+    torch.set_num_threads(threads)
+    net, train_data, val_data, one = TASKS[task](
+        seed=seed, max_seq_length=max_seq_length, model_path=model_path, image_size=image_size
+    )
+    fabric = Fabric(accelerator="cpu", devices=1)
+    float_model = train(fabric, fabric.setup_module(net), train_data, float_epochs, float_lr, batch_size, seed, "float")
+    float_model, options = float_model.module, dict(options or {})
+    schedule = _schedule(qat_epochs, len(train_data[1]), batch_size, start_step, freeze_observer_step, freeze_bn_step)
+    ptq = _ptq(float_model, train_data, mode, options, batch_size, seed, calibration_batches)
+    plugin = fq.QATPrecision(mode, **schedule, **options)
+    qat = _fine_tune(float_model, train_data, qat_epochs, qat_lr, batch_size, seed + 1, plugin)
+    deployed = plugin.convert(qat)
+    # the same extra epochs without quantization: QAT's gain must not be mere extra training
+    control = _fine_tune(float_model, train_data, qat_epochs, qat_lr, batch_size, seed + 1) if float_control else None
+    models = [("fp32", float_model), (CONTROL, control), (f"PTQ {mode}", ptq),
+              (f"QAT {mode} (fake-quant)", qat), (f"QAT {mode} (converted)", deployed)]  # fmt: skip
+    rows = _measure(models, val_data, one, batch_size, repeats, Path(out_dir), compile=compile, autotune=autotune)
+    header = _header(task, mode, seed, image_size, threads, repeats, autotune, len(val_data[1]))
+    plot = bar_panels([r for r in rows if "checkpoint_mb" in r], "model", ["accuracy", "checkpoint_mb",
+                      "latency_b1_ms"], f"QAT on {task}")  # fmt: skip
+    print(write_report(rows, COLUMNS, Path(out_dir), "qat_results", header, plot)["markdown"].read_text())
+    return rows
+
+
+def _validate(task: str, mode: str, options: dict | None, compile: bool, autotune: bool, ints: dict,
+              rates: dict) -> None:  # fmt: skip
+    """Every option checked before any work: ``ints`` must be positive integers, ``rates`` positive numbers."""
+    qat_config(mode, **(options or {}))  # the mode and its options
+    for name, value in ints.items():
         check_range(name, value, 1)
-    for name, value in (("float_lr", float_lr), ("qat_lr", qat_lr)):
+    for name, value in rates.items():
         check_range(name, value, 0, integer=False, low_open=True)
     check_autotune(compile, autotune)
     if task not in TASKS:
         raise ValueError(f"Unknown task {task!r}. Valid choices: {', '.join(TASKS)}")
-    check_plotting()  # before any measuring
-    torch.set_num_threads(threads)
-    fabric = Fabric(accelerator="cpu", devices=1)
-    net, train_data, val_data, one = TASKS[task](
-        seed=seed, max_seq_length=max_seq_length, model_path=model_path, image_size=image_size
-    )
-    float_model = train(fabric, fabric.setup_module(net), train_data, float_epochs, float_lr, batch_size, seed, "float")
-    float_model = float_model.module
 
-    qat_steps = qat_epochs * -(-len(train_data[1]) // batch_size)
-    schedule = {
+
+def _schedule(epochs: int, examples: int, batch_size: int, start_step: int, freeze_observer_step: int | None,
+              freeze_bn_step: int | None) -> dict:  # fmt: skip
+    """The QAT schedule; the freezes default to two thirds (observers) and half (BatchNorm) into QAT's steps."""
+    qat_steps = epochs * -(-examples // batch_size)
+    return {
         "start_step": start_step,
         "freeze_observer_step": freeze_observer_step if freeze_observer_step is not None else 2 * qat_steps // 3,
         "freeze_bn_step": freeze_bn_step if freeze_bn_step is not None else qat_steps // 2,
     }
-    # PTQ: the same scheme, observers calibrated on a few training batches, no weight update
-    options = dict(options or {})
+
+
+def _ptq(float_model, train_data, mode: str, options: dict, batch_size: int, seed: int, calibration_batches: int):
+    """PTQ: the same scheme, observers calibrated on a few training batches, no weight update."""
     calibration = [_inputs(batch) for batch, _ in itertools.islice(
         _batches(*train_data, batch_size, seed, 0), calibration_batches)]  # fmt: skip
     ptq_options = {"observer": QATConfig().observer, **options}  # the QAT arm's observer, for a like comparison
-    ptq_deployed = fq.quantize_static(copy.deepcopy(float_model), calibration, mode=mode, embeddings=False,
-                                      progress=False, **ptq_options)  # fmt: skip
+    return fq.quantize_static(copy.deepcopy(float_model), calibration, mode=mode, embeddings=False, progress=False,
+                              **ptq_options)  # fmt: skip
 
-    qat_plugin = fq.QATPrecision(mode, **schedule, **options)
-    qat_fabric = Fabric(accelerator="cpu", devices=1, plugins=qat_plugin)
-    qat = qat_fabric.setup_module(copy.deepcopy(float_model))
-    qat = train(qat_fabric, qat, train_data, qat_epochs, qat_lr, batch_size, seed + 1, "qat", qat_plugin).module
-    qat.eval()
-    deployed = qat_plugin.convert(qat)
-    control = None
-    if float_control:  # the same extra epochs without quantization: QAT's gain must not be mere extra training
-        control_fabric = Fabric(accelerator="cpu", devices=1)
-        control = control_fabric.setup_module(copy.deepcopy(float_model))
-        control = train(control_fabric, control, train_data, qat_epochs, qat_lr, batch_size, seed + 1, "control")
-        control = control.module.eval()
 
-    rows, out_dir, timed = [], Path(out_dir), {}
-    _, qat_preds = evaluate(qat, val_data, batch_size)
-    models = [("fp32", float_model), (CONTROL, control), (f"PTQ {mode}", ptq_deployed),
-              (f"QAT {mode} (fake-quant)", qat), (f"QAT {mode} (converted)", deployed)]  # fmt: skip
+def _fine_tune(float_model, train_data, epochs: int, lr: float, batch_size: int, seed: int, plugin=None):
+    """A copy of the float model trained further: with fake quantization under ``plugin`` (QAT), else float (the
+    control)."""
+    fabric = Fabric(accelerator="cpu", devices=1, plugins=plugin)
+    model = fabric.setup_module(copy.deepcopy(float_model))
+    desc = "control" if plugin is None else "qat"
+    return train(fabric, model, train_data, epochs, lr, batch_size, seed, desc, plugin).module.eval()
+
+
+def _measure(models: list, val_data, one: dict, batch_size: int, repeats: int, out_dir: Path, *, compile: bool,
+             autotune: bool) -> list[dict]:  # fmt: skip
+    """One row per model: accuracy, agreement with the fake-quant QAT model, checkpoint size and batch-1 latency
+    (models measured in turns: ratios from one run), then the ratios against fp32."""
+    rows, timed = [], {}
+    _, qat_preds = evaluate(next(m for name, m in models if "fake-quant" in name), val_data, batch_size)
     for name, model in models:
         if model is None:
             continue
         acc, preds = evaluate(model, val_data, batch_size)
         row = {"model": name, "accuracy": acc, "agreement_with_qat": (preds == qat_preds).float().mean().item()}
         if "fake-quant" not in name and name != CONTROL:
-            path = out_dir / f"{name.split(' ')[0].lower()}.safetensors"
-            if name == "fp32":
-                path.parent.mkdir(parents=True, exist_ok=True)
-                save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
-            else:
-                fq.save_quantized(model, path)
-            row["checkpoint_mb"] = os.path.getsize(path) / 1e6
+            row["checkpoint_mb"] = _save(model, out_dir / f"{name.split(' ')[0].lower()}.safetensors", name == "fp32")
             timed[name] = (row, model.eval())
         rows.append(row)
         if compile and name in timed and "PTQ" not in name:
@@ -247,8 +268,24 @@ def setup(
             fn()
     for name, lat in measure_latencies(calls, repeats).items():  # in turns: ratios from one run
         timed[name][0]["latency_b1_ms"] = lat["median_ms"]
+    _ratios(rows)
+    return rows
+
+
+def _save(model, path: Path, float_model: bool) -> float:
+    """The model's checkpoint (float: plain safetensors; quantized: fq.save_quantized); its size in MB."""
+    if float_model:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, path)
+    else:
+        fq.save_quantized(model, path)
+    return os.path.getsize(path) / 1e6
+
+
+def _ratios(rows: list[dict]) -> None:
+    """Size and speed ratios against fp32 (the first row), and the share of PTQ's accuracy loss that QAT wins back,
+    against the float model with the same training budget when there is one."""
     base = rows[0]
-    # share of PTQ's loss that QAT wins back, against the float model with the same training budget when there
     reference = next((r for r in rows if r["model"] == CONTROL), base)["accuracy"]
     ptq_loss = reference - next(r for r in rows if r["model"].startswith("PTQ"))["accuracy"]
     for row in rows:
@@ -257,12 +294,16 @@ def setup(
         if "checkpoint_mb" in row:
             row["size_ratio"] = base["checkpoint_mb"] / row["checkpoint_mb"]
             row["speedup_b1"] = base["latency_b1_ms"] / row["latency_b1_ms"]
+
+
+def _header(task: str, mode: str, seed: int, image_size: int, threads: int, repeats: int, autotune: bool,
+            n_val: int) -> str:  # fmt: skip
     images = f", {image_size}x{image_size} images" if task == "digits-cnn" else ""
-    header = (
+    return (
         f"# QAT vs PTQ on {task} ({mode})\n\nCommand: `{' '.join([Path(sys.executable).name, *sys.argv])}`"
         f" (seed {seed}{images}); {machine_name()}, torch {torch.__version__}, {threads} threads. Accuracy on the"
         " held-out"
-        f" split ({len(val_data[1])} examples); sizes are safetensors files; latency = median of {repeats} batch-1"
+        f" split ({n_val} examples); sizes are safetensors files; latency = median of {repeats} batch-1"
         " forwards (models measured in turns of 5 after an untimed call); ratios against eager fp32 in the same run;"
         f" `+compile` = inductor with freezing{' and GEMM autotuning' if autotune else ''} (accuracy: the eager"
         " model's). agreement_with_qat = argmax"
@@ -270,12 +311,6 @@ def setup(
         " without quantization (the control). ptq_loss_recovered = (QAT - PTQ) / (control - PTQ) accuracy (fp32 in"
         " place of the control without one), where PTQ loses accuracy; 1.0 = all of it back."
     )
-    plot = bar_panels([r for r in rows if "checkpoint_mb" in r], "model", ["accuracy", "checkpoint_mb",
-                      "latency_b1_ms"], f"QAT on {task}")  # fmt: skip
-    paths = write_report(rows, COLUMNS, out_dir, "qat_results", header, plot)
-    print(paths["markdown"].read_text())
-    return rows
-
 
 if __name__ == "__main__":
     CLI(setup, as_positional=False)

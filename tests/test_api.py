@@ -241,6 +241,26 @@ def test_trainer_fits_with_an_nf4_dq_base():
     assert not torch.equal(module.net.norm.weight, before)  # the float LayerNorm trained
 
 
+@pytest.mark.parametrize("convert", [fq.convert, fq.qat.convert, fq.QATPrecision.convert],
+                         ids=["fq.convert", "fq.qat.convert", "QATPrecision.convert"])  # fmt: skip
+def test_every_convert_copies_by_default_and_converts_in_place_when_asked(convert):
+    # one default for the three doors to the same conversion, torch.ao's: the fake-quant model stays as it was
+    # (to compare with the converted one, or to train further)
+    import inspect
+
+    assert inspect.signature(convert).parameters["inplace"].default is False
+    x = torch.randn(8, 512)
+    qat = fq.quantize_(make_net(), "qat-int8")
+    with torch.no_grad():
+        before = qat(x)
+    real = convert(qat)
+    assert real is not qat and isinstance(real.fc1, Int8Linear) and isinstance(qat.fc1, FakeQuantLayer)
+    with torch.no_grad():
+        assert torch.equal(qat(x), before)
+    same = fq.quantize_(make_net(), "qat-int8")
+    assert convert(same, inplace=True) is same and isinstance(same.fc1, Int8Linear)
+
+
 def test_trainer_runs_the_qat_schedule_and_converts():
     plugin = fq.precision_plugin("qat-int8", start_step=2)
     module = _fit(plugin, steps=3)

@@ -1,9 +1,11 @@
 """Every YAML in configs/ parses against its recipe's typed `setup` (a config folder per recipe)."""
 
+import inspect
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from jsonargparse import ArgumentParser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,8 +32,32 @@ def test_every_config_folder_has_a_recipe():
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_config_parses(path):
-    cfg = parser_for(RECIPES[path.parent.name]).parse_args(["--config", str(path)])
-    assert cfg is not None
+    """Each YAML key reaches its recipe as written (none dropped, renamed or coerced to another value), and the
+    parsed config has exactly the parameters of the recipe's setup."""
+    setup = RECIPES[path.parent.name]
+    parser = parser_for(setup)
+    cfg = parser.parse_args(["--config", str(path)])
+    parsed = cfg.as_dict()
+    parsed.pop("config")  # the --config file itself
+    written = yaml.safe_load(path.read_text())
+    assert set(parsed) == set(inspect.signature(setup).parameters)
+    for key, value in _leaves(written):
+        got = _get(parsed, key)
+        assert (str(got) if isinstance(got, Path) else got) == value, f"{path.name}: {key}"
+
+
+def _leaves(tree: dict, prefix: tuple = ()):
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            yield from _leaves(value, (*prefix, key))
+        else:
+            yield (*prefix, key), value
+
+
+def _get(tree: dict, key: tuple):
+    for part in key:
+        tree = tree[part]
+    return tree
 
 
 def test_cli_override_wins_over_yaml():

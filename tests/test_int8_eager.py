@@ -81,16 +81,19 @@ def test_one_token_path_uses_the_reference_codes(monkeypatch, dtype, shape, grad
 
 
 @needs_onednn
-@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_one_token_nan_or_inf_gives_non_finite_without_a_numpy_warning(bad):
+@pytest.mark.parametrize(
+    ("bad", "expected"),
+    # a NaN propagates to every output; an inf makes the row's scale inf: every output inf or NaN (0 * inf)
+    [(float("nan"), torch.isnan), (float("inf"), lambda t: ~torch.isfinite(t))],
+)
+def test_one_token_nan_or_inf_gives_non_finite_without_a_numpy_warning(bad, expected):
     layer = Int8Linear.from_float(torch.nn.Linear(2048, 640))
     x = torch.randn(1, 2048)
     x[0, 3] = bad
     with warnings.catch_warnings(), torch.inference_mode():
         warnings.simplefilter("error")  # numpy's "invalid value encountered in cast" would be one
         out = layer(x)
-    assert not out.isfinite().any()
-    assert out.isnan().all() or bad == float("inf")
+    assert out.shape == (1, 640) and expected(out).all()
 
 
 @needs_onednn

@@ -66,9 +66,9 @@ class DataArgs:
     """causal-lm: concatenate short training examples into full max_seq_length sequences (no padding)."""
     pad_to_multiple_of: int = 64
     """Pad each micro-batch to a multiple of this many tokens (at most max_seq_length); 1: to its longest example.
-    Why: every new matmul shape leaves memory behind on CPU (oneDNN's per-shape allocations and the freed memory
-    glibc keeps around them), so with every batch its own length a 1B-shape QLoRA run on CPU grew by 30-40 MB per
-    step for its first steps (docs/fsdp.md). Padded tokens carry no loss."""
+    A few widths mean a few matmul shapes: on CPU every new shape leaves memory behind (oneDNN's per-shape
+    allocations and the freed memory glibc keeps around them), so a batch of its own length each step would
+    grow the process step by step. Padded tokens carry no loss."""
 
     def validate(self) -> None:
         check_range("data.val_fraction", self.val_fraction, 0, 0.9, integer=False, low_open=True)

@@ -13,7 +13,7 @@ from fabric_quant.finetune.lean_activations import lean_activations_
 from fabric_quant.finetune.lora_dropout import lean_lora_dropout_
 from fabric_quant.hf import output_heads
 from fabric_quant.loading import from_pretrained
-from fabric_quant.nn.base import QuantizedLinear
+from fabric_quant.nn.base import QuantizedLinear, set_whole
 
 _TASK_TYPE = {"sequence-classification": "SEQ_CLS", "causal-lm": "CAUSAL_LM"}
 
@@ -56,6 +56,21 @@ def add_lora(model, task: str, lora, heads: list[str]):
     lean_lora_dropout_(peft_model)
     lean_activations_(peft_model)
     return peft_model
+
+
+def load_trained(path: Path, task: str, labels: list[str] | None, mode: str | None, dtype: torch.dtype, lora,
+                 heads: list[str], trainable: dict[str, torch.Tensor], device=None, ignore_modules=None):  # fmt: skip
+    """The trained PEFT model whole on this process: the base loaded again unsharded (quantized as it loads, as in
+    training), the adapters added and set to ``trainable`` (every trained tensor, gathered from a sharded run by
+    :func:`~fabric_quant.finetune.state.trainable_state`). Merging a sharded run needs it: :func:`merged_tensors`
+    reads each whole base weight, which no rank of the sharded model holds."""
+    model = add_lora(load_model(path, task, labels, mode, dtype, device, ignore_modules, progress=False), task, lora,
+                     heads)  # fmt: skip
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for name, value in trainable.items():
+            set_whole(params[name], value)
+    return model
 
 
 def merged_tensors(peft_model, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:

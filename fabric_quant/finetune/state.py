@@ -6,6 +6,7 @@ place, with a checksum of every file; loaded without unpickling code (safetensor
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -24,6 +25,38 @@ from fabric_quant.nn.base import set_whole, whole
 
 LATEST = "latest.json"
 RUN = "run.json"
+
+
+@dataclass
+class Progress:
+    """What a run has done so far, in one place: the loop advances it, each checkpoint saves it (``run.json``'s
+    ``progress``, with the step in the training state) and a resumed run restores it, so the counters, the losses
+    and the throughput go on as if the run had never stopped."""
+
+    step: int = 0
+    examples: int = 0
+    tokens: int = 0
+    train_time: float = 0.0
+    first_loss: float | None = None
+    last_loss: float | None = None
+    initial_eval: dict[str, float] | None = None
+
+    def record_step(self, loss: float, seconds: float) -> None:
+        """One optimizer step done, with its (all-reduced) loss and wall time."""
+        self.step += 1
+        self.train_time += seconds
+        self.last_loss = loss
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+
+    def to_json(self) -> dict:
+        """The checkpoint's ``progress`` (the step is saved with the optimizer state, which it must match)."""
+        return {"last_loss": self.last_loss, "first_loss": self.first_loss, "initial_eval": self.initial_eval,
+                "examples": self.examples, "tokens": self.tokens, "train_time": self.train_time}  # fmt: skip
+
+    @classmethod
+    def from_json(cls, saved: dict, step: int = 0) -> Progress:
+        return cls(step=step, **{k: saved[k] for k in ("examples", "tokens", "train_time", "first_loss", "last_loss",
+                                                       "initial_eval") if k in saved})  # fmt: skip
 
 
 def trainable_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

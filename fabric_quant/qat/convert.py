@@ -44,7 +44,8 @@ _QAT_TYPES = (QATLinear, QATConv1d, QATConv2d, QATEmbedding)
 
 
 def convert(model: torch.nn.Module, inplace: bool = False, backend: str = "auto") -> torch.nn.Module:
-    """The deployable model: every QAT layer replaced by its int8 (or packed int4) version, in eval mode.
+    """The deployable model: every QAT layer replaced by its int8 (or packed int4) version, in eval mode; a copy
+    unless ``inplace`` (as torch.ao's ``convert``: the fake-quant model stays usable).
 
     ``backend``: ``auto`` / ``x86`` / ``reference`` (see :mod:`fabric_quant.kernels`); it picks the convolution
     kernel. Linear layers run oneDNN's int8 GEMM in eager CPU mode (``nn/onednn_linear.py``) and ``torch._int_mm``
