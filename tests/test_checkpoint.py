@@ -146,7 +146,8 @@ def test_quant_storage_is_validated():
 def test_fsdp1_plugin_is_refused_naming_the_fsdp2_path():
     """Fabric's FSDP strategy (FSDP1) would need the packed bytes in bf16 storage, where bitsandbytes #1945 rewrites
     NaN bit patterns: the plugin for it is refused, pointing to FSDP2 with uint8 storage."""
-    with pytest.raises(ValueError, match=r"precision_plugin\('nf4-dq', fsdp=True\).*#1945.*fabric_quant\.fsdp"):
+    refusal = r"precision_plugin\('nf4-dq', fsdp=True\).*#1945.*fabric_quant\.distributed\.fsdp"
+    with pytest.raises(ValueError, match=refusal):
         fq.precision_plugin("nf4-dq", fsdp=True)
     assert isinstance(fq.precision_plugin("nf4-dq", fsdp=False), fq.BnbPrecision)
     assert not hasattr(fq, "BnbFSDPPrecision")
