@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from fabric_quant.options import check_range
+
 Task = Literal["sequence-classification", "causal-lm"]
-
-
-def check_range(name: str, value, low: float, high: float | None = None, *, integer: bool = True, none: bool = False,
-                low_open: bool = False) -> None:
-    """``value`` must be a number in [low, high] (``low_open``: (low, high]), an integer where ``integer``, or
-    None where ``none``; the error names the option, the value and the valid range."""
-    if value is None and none:
-        return
-    kind = "an integer" if integer else "a number"
-    valid = f"{kind} {'>' if low_open else '>='} {low}" + (f" and <= {high}" if high is not None else "")
-    valid += " (or null)" if none else ""
-    ok = isinstance(value, int if integer else (int, float)) and not isinstance(value, bool)
-    ok = ok and math.isfinite(value) and (value > low if low_open else value >= low)
-    if not ok or (high is not None and value > high):
-        raise ValueError(f"{name}={value!r} is out of range: valid values are {valid}")
 
 
 @dataclass
